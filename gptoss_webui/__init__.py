@@ -1,0 +1,1 @@
+"""gptoss-webui: fine-tune gpt-oss with LoRA and serve it with vLLM."""

@@ -1,0 +1,5 @@
+import sys
+
+from gptoss_webui.cli import main
+
+sys.exit(main())

@@ -1,0 +1,242 @@
+"""The typed configuration: the single source of truth shared by the UI, the CLI and the presets.
+
+A *recipe* is one YAML file with a `train:` and a `serve:` section (presets/*.yaml, and the
+config.yaml written into every run folder). Defaults follow ../shared/GPT-OSS-FACTS.md:
+bf16, attention `auto`, LoRA on attention and expert parameters, gradient checkpointing on, ZeRO-2.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration problem, worded for the person who wrote the config (one line per problem)."""
+
+
+class _Strict(BaseModel):
+    # Unknown keys are typos: refuse them instead of silently ignoring them.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+Precision = Literal["bf16", "fp32", "fp16"]
+Attention = Literal["auto", "eager", "flex_attention", "sdpa", "flash_attention_2"]
+DataFormat = Literal["auto", "messages", "alpaca", "text"]
+
+
+class DataConfig(_Strict):
+    path: str = Field("demo:harmony", description="Local JSONL/JSON/CSV/Parquet file, a `datasets` name, "
+                      "or demo:harmony (the shipped demo set)")
+    format: DataFormat = Field("auto", description="messages (harmony chat), alpaca, text, or auto-detect")
+    split: str = Field("train", description="Split to read from a `datasets` name")
+    max_length: int = Field(2048, ge=16, le=131072, description="Tokens per example; longer ones are truncated")
+    packing: bool = Field(False, description="Concatenate short examples into max_length blocks")
+    validation_fraction: float = Field(0.0, ge=0.0, lt=0.5, description="Share of rows held out for eval")
+    max_samples: int | None = Field(None, ge=1, description="Use only the first N rows")
+
+
+class LoraConfig(_Strict):
+    r: int = Field(8, ge=1, le=1024, description="LoRA rank")
+    alpha: int = Field(16, ge=1, description="LoRA alpha (scale = alpha / r)")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="LoRA dropout; must be 0 with expert parameters")
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
+                                      description="nn.Linear module names (attention projections)")
+    expert_parameters: list[str] = Field(default_factory=lambda: ["gate_up_proj", "down_proj"],
+                                         description="gpt-oss fused expert parameters (peft target_parameters)")
+    expert_layers: list[int] | Literal["all"] = Field(
+        default_factory=lambda: [7, 15, 23],
+        description="Layers whose experts get LoRA ('all' or a list of indices); the cookbook uses 7, 15, 23")
+
+    @model_validator(mode="after")
+    def _dropout_with_experts(self) -> LoraConfig:
+        if self.dropout > 0 and self.expert_parameters and self.expert_layers != []:
+            raise ValueError(
+                "lora.dropout must be 0 when lora.expert_parameters is set: peft's target_parameters path "
+                "refuses dropout. Set lora.dropout=0, or lora.expert_parameters=[] to train attention only")
+        return self
+
+
+class OptimConfig(_Strict):
+    learning_rate: float = Field(2e-4, gt=0, le=1.0)
+    lr_scheduler: Literal["cosine_with_min_lr", "cosine", "linear", "constant_with_warmup", "constant"] = \
+        "cosine_with_min_lr"
+    warmup_ratio: float = Field(0.03, ge=0.0, le=0.5)
+    weight_decay: float = Field(0.0, ge=0.0)
+    max_grad_norm: float = Field(1.0, gt=0.0)
+    epochs: float = Field(1.0, gt=0.0)
+    max_steps: int = Field(-1, ge=-1, description="Optimizer steps; -1 means run `epochs`")
+    micro_batch_size: int = Field(1, ge=1, description="Sequences per GPU per forward pass")
+    gradient_accumulation_steps: int = Field(4, ge=1)
+    seed: int = 42
+
+
+class DeepSpeedConfig(_Strict):
+    enabled: bool = Field(True, description="Launch with DeepSpeed (ZeRO-2 by default)")
+    stage: Literal[2, 3] = Field(2, description="2 shards gradients + optimizer states (every GPU holds all "
+                                 "weights); 3 also shards the weights, for models larger than one GPU")
+    offload_optimizer: bool = Field(False, description="Keep optimizer states in CPU memory")
+    offload_params: bool = Field(False, description="ZeRO-3 only: keep the weights in CPU memory")
+    bucket_size: int = Field(200_000_000, ge=1_000_000, description="reduce/allgather bucket size (elements)")
+    overlap_comm: bool = True
+
+    @model_validator(mode="after")
+    def _offload_params_needs_zero3(self) -> DeepSpeedConfig:
+        if self.offload_params and self.stage != 3:
+            raise ValueError("deepspeed.offload_params needs deepspeed.stage=3 (ZeRO-2 never shards or "
+                             "offloads the weights)")
+        return self
+
+
+class TrainConfig(_Strict):
+    model: str = Field("demo:tiny-gpt-oss", description="Local model folder, hub name already cached, "
+                       "or demo:tiny-gpt-oss / demo:tiny-dense")
+    data: DataConfig = Field(default_factory=DataConfig)
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
+    precision: Precision = Field("bf16", description="bf16 (default); fp16 is refused for gpt-oss")
+    attention: Attention = Field("auto", description="auto picks per device and architecture")
+    gradient_checkpointing: bool = True
+    num_gpus: int | None = Field(None, ge=1, description="Ranks to launch; None = all visible GPUs "
+                                 "(on a CPU machine: 1)")
+    gpu_memory_gib: float | None = Field(None, gt=0, description="Per-GPU memory for the estimate; "
+                                         "None = read from the GPUs present")
+    runs_dir: str = Field("runs", description="Folder that holds one folder per run")
+    run_name: str | None = Field(None, description="Run folder name; None = generated from the time")
+    logging_steps: int = Field(1, ge=1)
+    save_steps: int = Field(50, ge=1, description="Checkpoint every N optimizer steps")
+    save_total_limit: int = Field(2, ge=1)
+
+    @field_validator("run_name")
+    @classmethod
+    def _safe_run_name(cls, v: str | None) -> str | None:
+        if v is not None and (not v or "/" in v or v.startswith(".")):
+            raise ValueError("run_name must be a plain folder name (no '/', not starting with '.')")
+        return v
+
+
+class ServeConfig(_Strict):
+    model: str = Field("demo:tiny-gpt-oss", description="Base or merged model folder to serve")
+    adapters: dict[str, str] = Field(default_factory=dict, description="name -> adapter folder, loaded at start")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    max_model_len: int = Field(4096, ge=64)
+    gpu_memory_utilization: float = Field(0.85, gt=0.05, le=0.98,
+                                          description="Share of GPU memory vLLM may take (weights + KV cache)")
+    cpu_kv_cache_gib: float = Field(2.0, gt=0, description="KV cache space on a CPU-only host")
+    block_size: int | None = Field(None, ge=1, description="PagedAttention block size; None = vLLM's default")
+    max_loras: int = Field(2, ge=1)
+    max_lora_rank: int = Field(16, ge=1)
+    tensor_parallel_size: int = Field(1, ge=1)
+    enforce_eager: bool = Field(False, description="Skip graph capture: faster start, slower decode")
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    api_key_env: str = Field("GPTOSS_API_KEY", description="Environment variable holding the API key "
+                             "(required when host is not loopback)")
+    start_timeout_s: float = Field(600, gt=0)
+    temperature: float = Field(0.7, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    max_tokens: int = Field(512, ge=1)
+    reasoning_effort: Literal["low", "medium", "high"] = "medium"
+
+
+class Recipe(_Strict):
+    """What a preset file and a run's config.yaml hold: how to train, and how to serve the result."""
+
+    description: str = ""
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
+
+    # --- YAML in and out -------------------------------------------------------------------
+    @classmethod
+    def from_yaml(cls, path: str | Path, overrides: list[str] | None = None) -> Recipe:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark else ""
+            raise ConfigError(f"{path}{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping with 'train:' and 'serve:' sections")
+        return cls.from_dict(data, overrides, source=str(path))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], overrides: list[str] | None = None,
+                  source: str = "config") -> Recipe:
+        data = _deep_copy(data)
+        for item in overrides or []:
+            apply_override(data, item)
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            raise ConfigError(format_validation_error(exc, source)) from None
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+
+    def save(self, path: str | Path) -> None:
+        from gptoss_webui.runs import atomic_write_text
+
+        atomic_write_text(Path(path), self.to_yaml())
+
+
+# --- overrides and messages --------------------------------------------------------------------
+
+def apply_override(data: dict[str, Any], item: str) -> None:
+    """Apply one `dotted.key=value` to a nested dict; the value is parsed as YAML (so 16, true, [a, b])."""
+    if "=" not in item:
+        raise ConfigError(f"override '{item}' must look like key=value, e.g. train.lora.r=16")
+    key, raw = item.split("=", 1)
+    parts = [p for p in key.strip().split(".") if p]
+    if not parts:
+        raise ConfigError(f"override '{item}' has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    node = data
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override '{item}': '{part}' is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def format_validation_error(exc: ValidationError, source: str) -> str:
+    lines = []
+    for err in exc.errors():
+        field = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            parent = _model_at(Recipe, err["loc"][:-1])
+            allowed = ", ".join(parent.model_fields) if parent else "?"
+            msg = f"unknown field; allowed here: {allowed}"
+        elif err["type"] == "literal_error":
+            msg = f"got {err.get('input')!r}; {msg[0].lower()}{msg[1:]}"
+        lines.append(f"{source}: {field}: {msg}")
+    return "\n".join(lines)
+
+
+def _model_at(model: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        ann = getattr(field, "annotation", None)
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return None
+        model = ann
+    return model
+
+
+def _deep_copy(data: Any) -> Any:
+    if isinstance(data, dict):
+        return {k: _deep_copy(v) for k, v in data.items()}
+    if isinstance(data, list):
+        return [_deep_copy(v) for v in data]
+    return data

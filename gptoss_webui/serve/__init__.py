@@ -1,0 +1,1 @@
+"""Serving: the vLLM engine process, adapter merge, and the chat client."""

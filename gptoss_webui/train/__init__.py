@@ -1,0 +1,1 @@
+"""Training: launcher (parent side), worker (the deepspeed subprocess), data, LoRA, ZeRO, memory."""
