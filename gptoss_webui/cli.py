@@ -84,17 +84,23 @@ def cmd_stop(args: argparse.Namespace) -> int:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    from gptoss_webui.serve.merge import merge_run
+    from gptoss_webui.serve.merge import MergeError, merge_run
 
-    out = merge_run(args.run)
-    print(f"merged model: {out}")
+    try:
+        out = merge_run(args.run, force=args.force)
+    except MergeError as exc:
+        raise UserError(str(exc)) from None
+    print(f"merged model: {out}\nserve it:  python -m gptoss_webui serve --model {out}")
     return 0
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from gptoss_webui.serve.engine import serve_forever
+    from gptoss_webui.serve.engine import EngineError, serve_forever
 
-    return serve_forever(args)
+    try:
+        return serve_forever(args)
+    except EngineError as exc:
+        raise UserError(str(exc)) from None
 
 
 def cmd_ui(args: argparse.Namespace) -> int:
@@ -133,6 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("merge", help="merge a finished run's adapter into its base model")
     p.add_argument("--run", required=True, help="run folder (path)")
+    p.add_argument("--force", action="store_true", help="merge again even if run/merged is up to date")
     p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser("serve", help="start vLLM's OpenAI-compatible server on a model (+ adapters)")

@@ -103,6 +103,8 @@ class TrainConfig(_Strict):
     gradient_checkpointing: bool = True
     num_gpus: int | None = Field(None, ge=1, description="Ranks to launch; None = all visible GPUs "
                                  "(on a CPU machine: 1)")
+    hostfile: str | None = Field(None, description="DeepSpeed hostfile for several nodes (`host slots=N` "
+                                 "lines); None = this machine only")
     gpu_memory_gib: float | None = Field(None, gt=0, description="Per-GPU memory for the estimate; "
                                          "None = read from the GPUs present")
     runs_dir: str = Field("runs", description="Folder that holds one folder per run")

@@ -118,7 +118,8 @@ def harmony_special_tokens() -> dict[str, int]:
 def load_harmony_encoding():
     """oss-harmony's gpt-oss encoding, reading the ranks from our cache instead of the internet."""
     os.environ["TIKTOKEN_ENCODINGS_BASE"] = str(o200k_ranks_file().parent)
-    from openai_harmony import HarmonyEncodingName, load_harmony_encoding as _load
+    from openai_harmony import HarmonyEncodingName
+    from openai_harmony import load_harmony_encoding as _load
 
     return _load(HarmonyEncodingName.HARMONY_GPT_OSS)
 

@@ -1,0 +1,270 @@
+"""Training data: read rows, check them, render them with the tokenizer's chat template, mask the loss.
+
+Formats (auto-detected from the first row, or set with data.format):
+  messages  {"messages": [{"role": system|developer|user|assistant, "content": str, "thinking"?: str}]}
+            The loss covers the last assistant turn only (its analysis channel from `thinking`, and its
+            final answer): earlier turns are context, as the harmony template drops their reasoning.
+  alpaca    {"instruction": str, "input"?: str, "output": str}  -> a user turn and an assistant turn
+  text      {"text": str}  -> plain language modelling, every token trained
+
+Bad data fails here, before any model loads, naming the file and line (or row).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from gptoss_webui.config import DataConfig
+from gptoss_webui.demo import resolve_dataset
+
+IGNORE_INDEX = -100  # label value the loss skips
+ROLES = ("system", "developer", "user", "assistant")
+LOCAL_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+
+
+class DataError(ValueError):
+    """A dataset problem worded for the user, naming the file and line/row."""
+
+
+@dataclass
+class Row:
+    source: str  # "file.jsonl line 12" / "dataset row 3": where to look when it is wrong
+    data: dict[str, Any]
+
+
+@dataclass
+class Example:
+    input_ids: list[int]
+    labels: list[int]
+
+
+# --- reading ------------------------------------------------------------------------------------
+
+def read_rows(cfg: DataConfig) -> list[Row]:
+    spec = resolve_dataset(cfg.path)
+    path = Path(spec)
+    is_local = path.suffix.lower() in LOCAL_SUFFIXES or path.exists()
+    rows = _read_local(path) if is_local else _read_hub(spec, cfg.split)
+    if cfg.max_samples:
+        rows = rows[: cfg.max_samples]
+    if not rows:
+        raise DataError(f"{spec}: the dataset is empty")
+    return rows
+
+
+def _read_local(path: Path) -> list[Row]:
+    if not path.is_file():
+        raise DataError(f"dataset file not found: {path}")
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        rows = []
+        with open(path, encoding="utf-8") as fh:
+            for n, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise DataError(f"{path} line {n}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+                if not isinstance(obj, dict):
+                    raise DataError(f"{path} line {n}: expected a JSON object, got {type(obj).__name__}")
+                rows.append(Row(f"{path.name} line {n}", obj))
+        return rows
+    if suffix == ".json":
+        try:
+            obj = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path} line {exc.lineno}: not valid JSON ({exc.msg})") from None
+        if isinstance(obj, dict) and isinstance(obj.get("data"), list):
+            obj = obj["data"]
+        if not isinstance(obj, list):
+            raise DataError(f"{path}: expected a JSON list of rows (or {{\"data\": [...]}})")
+        return [_row(f"{path.name} row {i}", r) for i, r in enumerate(obj, 1)]
+    if suffix == ".csv":
+        with open(path, encoding="utf-8", newline="") as fh:
+            # Row 1 is the header, so data row i sits on line i + 1.
+            return [Row(f"{path.name} line {i + 1}", dict(r)) for i, r in enumerate(csv.DictReader(fh), 1)]
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            table = pq.read_table(path)
+        except Exception as exc:  # pyarrow raises several types for a corrupt file
+            raise DataError(f"{path}: not a readable Parquet file ({exc})") from None
+        return [_row(f"{path.name} row {i}", r) for i, r in enumerate(table.to_pylist(), 1)]
+    raise DataError(f"{path}: unsupported file type '{suffix}'; use one of {', '.join(LOCAL_SUFFIXES)}")
+
+
+def _row(source: str, obj: Any) -> Row:
+    if not isinstance(obj, dict):
+        raise DataError(f"{source}: expected an object with fields, got {type(obj).__name__}")
+    return Row(source, obj)
+
+
+def _read_hub(name: str, split: str) -> list[Row]:
+    try:
+        import datasets
+
+        ds = datasets.load_dataset(name, split=split)
+    except Exception as exc:  # offline, unknown name, unknown split: all say the same to the user
+        raise DataError(
+            f"could not load dataset '{name}' (split '{split}'): {str(exc).splitlines()[0][:300]}. "
+            "Use a local .jsonl/.json/.csv/.parquet file, or a dataset already in the datasets cache."
+        ) from None
+    return [Row(f"{name} row {i}", dict(r)) for i, r in enumerate(ds, 1)]
+
+
+# --- checking and converting to conversations -----------------------------------------------------
+
+def detect_format(row: Row) -> str:
+    keys = set(row.data)
+    if "messages" in keys:
+        return "messages"
+    if {"instruction", "output"} <= keys:
+        return "alpaca"
+    if "text" in keys:
+        return "text"
+    raise DataError(
+        f"{row.source}: cannot tell the format from fields {sorted(keys)}; expected 'messages' "
+        "(harmony chat), 'instruction'+'output' (alpaca) or 'text'")
+
+
+def to_messages(row: Row, fmt: str) -> list[dict[str, str]] | str:
+    """A checked conversation (list of messages) or, for the text format, the text itself."""
+    d = row.data
+    if fmt == "text":
+        text = d.get("text")
+        if not isinstance(text, str) or not text.strip():
+            raise DataError(f"{row.source}: 'text' must be a non-empty string")
+        return text
+    if fmt == "alpaca":
+        for key in ("instruction", "output"):
+            if not isinstance(d.get(key), str) or not d[key].strip():
+                raise DataError(f"{row.source}: alpaca rows need a non-empty string '{key}'")
+        prompt = d["instruction"] if not d.get("input") else f"{d['instruction']}\n\n{d['input']}"
+        return [{"role": "user", "content": prompt}, {"role": "assistant", "content": d["output"]}]
+    messages = d.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise DataError(f"{row.source}: 'messages' must be a non-empty list")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise DataError(f"{row.source}: messages[{i}] must be an object with 'role' and 'content'")
+        role, content = m.get("role"), m.get("content")
+        if role not in ROLES:
+            raise DataError(f"{row.source}: messages[{i}].role is {role!r}; allowed: {', '.join(ROLES)}")
+        if not isinstance(content, str):
+            raise DataError(f"{row.source}: messages[{i}].content must be a string")
+        msg = {"role": role, "content": content}
+        if m.get("thinking"):
+            if role != "assistant" or not isinstance(m["thinking"], str):
+                raise DataError(f"{row.source}: messages[{i}].thinking must be a string on an assistant turn")
+            msg["thinking"] = m["thinking"]
+        out.append(msg)
+    if out[-1]["role"] != "assistant":
+        raise DataError(f"{row.source}: the last message must be the assistant's answer to train on "
+                        f"(it is '{out[-1]['role']}')")
+    return out
+
+
+# --- tokenizing and masking ------------------------------------------------------------------------
+
+def _ids(encoded: Any) -> list[int]:
+    # apply_chat_template returns a list, or a BatchEncoding when return_dict defaults to True.
+    if hasattr(encoded, "keys") and "input_ids" in encoded:
+        encoded = encoded["input_ids"]
+    return list(encoded)
+
+
+def tokenize(tokenizer: Any, sample: list[dict[str, str]] | str, max_length: int, source: str) -> Example:
+    if isinstance(sample, str):
+        ids = tokenizer(sample, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        ids = ids[:max_length]
+        return Example(ids, list(ids))
+    if not getattr(tokenizer, "chat_template", None):
+        raise DataError("the tokenizer has no chat template, so 'messages'/alpaca rows cannot be rendered; "
+                        "use a chat model's tokenizer or the 'text' format")
+    full = _ids(tokenizer.apply_chat_template(sample, tokenize=True))
+    prompt = _ids(tokenizer.apply_chat_template(sample[:-1], tokenize=True, add_generation_prompt=True))
+    if full[: len(prompt)] != prompt:
+        raise DataError(f"{source}: the chat template renders the prompt differently on its own than inside "
+                        "the full conversation, so the assistant tokens cannot be located")
+    labels = [IGNORE_INDEX] * len(prompt) + full[len(prompt):]
+    full, labels = full[:max_length], labels[:max_length]
+    return Example(full, labels)
+
+
+def pack(examples: list[Example], max_length: int) -> list[Example]:
+    """Concatenate examples into blocks of up to max_length tokens (an example is never split)."""
+    blocks: list[Example] = []
+    cur = Example([], [])
+    for ex in examples:
+        if cur.input_ids and len(cur.input_ids) + len(ex.input_ids) > max_length:
+            blocks.append(cur)
+            cur = Example([], [])
+        cur.input_ids += ex.input_ids
+        cur.labels += ex.labels
+    if cur.input_ids:
+        blocks.append(cur)
+    return blocks
+
+
+@dataclass
+class PreparedData:
+    train: list[Example]
+    validation: list[Example]
+    format: str
+    rows: int
+    truncated: int
+
+
+def prepare(cfg: DataConfig, tokenizer: Any, seed: int = 42) -> PreparedData:
+    rows = read_rows(cfg)
+    fmt = cfg.format if cfg.format != "auto" else detect_format(rows[0])
+    samples = [(r.source, to_messages(r, fmt)) for r in rows]  # checks every row before tokenizing any
+    examples, truncated = [], 0
+    for source, sample in samples:
+        ex = tokenize(tokenizer, sample, cfg.max_length, source)
+        truncated += len(ex.input_ids) == cfg.max_length
+        if any(label != IGNORE_INDEX for label in ex.labels):
+            examples.append(ex)
+    if not examples:
+        raise DataError(f"{cfg.path}: no example has a trainable token left after truncation to "
+                        f"{cfg.max_length} tokens; raise data.max_length")
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    n_val = int(len(examples) * cfg.validation_fraction)
+    if cfg.validation_fraction > 0 and n_val == 0:
+        n_val = 1
+    val = [examples[i] for i in order[:n_val]]
+    train = [examples[i] for i in sorted(order[n_val:])]
+    if cfg.packing:
+        train, val = pack(train, cfg.max_length), pack(val, cfg.max_length)
+    return PreparedData(train, val, fmt, len(rows), truncated)
+
+
+def preview(train_cfg: Any, n: int = 1) -> list[list[tuple[str, bool]]]:
+    """The first n examples as text segments, True where tokens are trained (for the UI's highlight)."""
+    from transformers import AutoTokenizer
+
+    from gptoss_webui.demo import resolve_model
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model(train_cfg.model))
+    rows = read_rows(train_cfg.data.model_copy(update={"max_samples": n}))
+    fmt = train_cfg.data.format if train_cfg.data.format != "auto" else detect_format(rows[0])
+    out = []
+    for row in rows[:n]:
+        ex = tokenize(tokenizer, to_messages(row, fmt), train_cfg.data.max_length, row.source)
+        segments: list[tuple[str, bool]] = []
+        start = 0
+        for i in range(1, len(ex.input_ids) + 1):
+            if i == len(ex.input_ids) or (ex.labels[i] != IGNORE_INDEX) != (ex.labels[start] != IGNORE_INDEX):
+                segments.append((tokenizer.decode(ex.input_ids[start:i]), ex.labels[start] != IGNORE_INDEX))
+                start = i
+        out.append(segments)
+    return out

@@ -1,0 +1,584 @@
+"""Per-GPU memory estimate for a LoRA run: a breakdown, a verdict, and the cheapest change that would fit.
+
+Fast and side-effect free (no torch, no model load): the architecture comes from a local config.json,
+the hub cache, built-in tables (../shared/GPT-OSS-FACTS.md) or the demo shapes (gptoss_webui.demo).
+The terms follow GPT-OSS-FACTS.md "Memory estimate"; the activation and logits constants are fitted on
+the measured peaks in ../shared/GPU-STACK.md (tests/test_memory.py holds that table and the error bound).
+
+The peak is whichever of two moments is larger: the loss backward (all saved activations plus the
+logits and their gradients) or the backward of one layer (saved activations plus that layer recomputed,
+its attention scores and expert-LoRA weights). Measured peaks are torch's allocated bytes; the verdict
+adds the CUDA context and allocator fragmentation on top.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from gptoss_webui.config import ConfigError, LoraConfig, TrainConfig
+
+GIB = 2**30
+
+# --- constants (each one says where it comes from) ------------------------------------------------
+DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+# LoRA weights, their gradients and AdamW's two moments, all fp32 (FACTS "Memory estimate" 2).
+LORA_WEIGHT_BYTES, LORA_GRAD_BYTES, ADAM_BYTES = 4, 4, 8
+# transformers' RMSNorm upcasts its input to fp32 and autograd keeps that copy: 4 bytes per unit.
+RMSNORM_SAVED_BYTES = 4
+# Clamped-SwiGLU tensors kept per routed token, in units of intermediate_size (besides gate_up's own
+# output): fitted on GPU-STACK's no-checkpointing rows (5.0 from flex at 4096, 5.2 from eager 1024/4096).
+SWIGLU_SAVED = 5.0
+# Eager attention keeps the softmax probabilities [b, heads, s, s+1] of every layer: fitted 1.00 from
+# eager 1024 and 4096 without checkpointing.
+EAGER_SAVED_SCORES = 1.0
+# ... and while one layer's attention runs backward (after its recompute), about 3.25 more tensors of that
+# size are alive (score gradients, softmax backward, the scaled scores): 4.24 in all, fitted on eager
+# 8192 with checkpointing (the only measured row where the recomputed layer, not the loss, sets the peak).
+EAGER_BACKWARD_SCORES = 3.25
+# Logits and loss, per element of batch x seq x vocab: the logits in the model dtype, plus three fp32
+# tensors alive in the loss backward (log_softmax output, its gradient, the logits' gradient). bf16 gives
+# 2 + 12 = 14 bytes; GPU-STACK's flex rows at 4096 and 8192 (checkpointing on) imply 14.04.
+LOGITS_FP32_TENSORS = 3
+# Not part of torch's allocated peak, but part of what the card must hold.
+CUDA_CONTEXT_GIB = 0.75  # CUDA context + cuBLAS workspace: 0.5-1 GiB (FACTS "Memory estimate" 6)
+FRAGMENTATION = 0.05  # caching-allocator slack over the allocated peak (FACTS "Memory estimate" 6)
+# DeepSpeed's documented rule: overlap_comm uses about 4.5x the reduce/allgather bucket size (ZeRO-2).
+ZERO2_BUCKETS_OVERLAP, ZERO2_BUCKETS = 4.5, 2.0
+# ZeRO-3 reduces gradients through reduce_bucket_size buffers (double-buffered with overlap_comm).
+ZERO3_BUCKETS_OVERLAP, ZERO3_BUCKETS = 2.0, 1.0
+# ZeRO-3 materialises the layer being computed and prefetches the next one: about two layers' worth.
+ZERO3_LIVE_LAYERS = 2
+
+
+class EstimateError(ConfigError):
+    """The estimate cannot be made (unknown model, unreadable config.json): one clear line."""
+
+
+# --- architecture ----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Architecture:
+    model_type: str
+    layers: int
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int  # per expert for MoE models
+    vocab: int
+    experts: int = 0  # 0 = dense MLP
+    experts_per_token: int = 0
+    attention_bias: bool = False
+    tie_embeddings: bool = False
+
+    @classmethod
+    def from_config_json(cls, cfg: dict[str, Any]) -> Architecture:
+        """From a Hugging Face config.json dict (gpt_oss, llama-like dense, mixtral-like MoE)."""
+        try:
+            model_type = str(cfg.get("model_type", ""))
+            hidden, heads = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
+            experts = int(cfg.get("num_local_experts") or cfg.get("num_experts") or 0)
+            return cls(
+                model_type=model_type,
+                layers=int(cfg["num_hidden_layers"]),
+                hidden=hidden,
+                heads=heads,
+                kv_heads=int(cfg.get("num_key_value_heads") or heads),
+                head_dim=int(cfg.get("head_dim") or hidden // heads),
+                intermediate=int(cfg["intermediate_size"]),
+                vocab=int(cfg["vocab_size"]),
+                experts=experts,
+                experts_per_token=int(cfg.get("num_experts_per_tok") or cfg.get("experts_per_token") or 0)
+                if experts else 0,
+                attention_bias=bool(cfg.get("attention_bias", model_type == "gpt_oss")),
+                tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise EstimateError(f"config.json lacks or mangles a field the estimate needs: {exc}") from None
+
+    @property
+    def q_dim(self) -> int:
+        return self.heads * self.head_dim
+
+    @property
+    def kv_dim(self) -> int:
+        return self.kv_heads * self.head_dim
+
+    def linear_shapes(self) -> dict[str, tuple[int, int]]:
+        """nn.Linear (in, out) per LoRA-targetable module name in one layer."""
+        h, q, kv, i = self.hidden, self.q_dim, self.kv_dim, self.intermediate
+        shapes = {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h)}
+        if not self.experts:
+            shapes.update(gate_proj=(h, i), up_proj=(h, i), down_proj=(i, h))
+        return shapes
+
+    def expert_shapes(self) -> dict[str, tuple[int, int, int]]:
+        """gpt-oss fused expert parameters [experts, in, out] (transformers' GptOssExperts)."""
+        if self.model_type != "gpt_oss" or not self.experts:
+            return {}
+        e, h, i = self.experts, self.hidden, self.intermediate
+        return {"gate_up_proj": (e, h, 2 * i), "down_proj": (e, i, h)}
+
+    @property
+    def attention_params(self) -> int:
+        shapes = self.linear_shapes()
+        params = sum(shapes[m][0] * shapes[m][1] + (shapes[m][1] if self.attention_bias else 0)
+                     for m in ("q_proj", "k_proj", "v_proj", "o_proj"))
+        return params + (self.heads if self.model_type == "gpt_oss" else 0)  # one sink logit per head
+
+    @property
+    def mlp_params(self) -> int:
+        h, i, e = self.hidden, self.intermediate, self.experts
+        if not e:
+            return 3 * h * i
+        if self.model_type == "gpt_oss":  # router with bias; experts with biases (gate_up 2i, down h)
+            return h * e + e + e * (h * 2 * i + 2 * i) + e * (i * h + h)
+        return h * e + e * 3 * h * i  # mixtral-like: router, w1/w2/w3 without bias
+
+    @property
+    def layer_params(self) -> int:
+        return self.attention_params + self.mlp_params + 2 * self.hidden  # + two RMSNorms
+
+    @property
+    def embedding_params(self) -> int:
+        return self.vocab * self.hidden
+
+    @property
+    def total_params(self) -> int:
+        heads = 1 if self.tie_embeddings else 2
+        return self.layers * self.layer_params + heads * self.embedding_params + self.hidden  # + final norm
+
+    @property
+    def expert_params_per_layer(self) -> int:
+        return sum(e * a * b for e, a, b in self.expert_shapes().values())
+
+
+# GPT-OSS-FACTS.md: gpt-oss-20b (24 layers, 32 experts) and gpt-oss-120b (36 layers, 128 experts).
+_GPT_OSS = dict(model_type="gpt_oss", hidden=2880, heads=64, kv_heads=8, head_dim=64, intermediate=2880,
+                vocab=201_088, experts_per_token=4, attention_bias=True, tie_embeddings=False)
+BUILTIN_ARCHITECTURES: dict[str, Architecture] = {
+    "openai/gpt-oss-20b": Architecture(layers=24, experts=32, **_GPT_OSS),
+    "openai/gpt-oss-120b": Architecture(layers=36, experts=128, **_GPT_OSS),
+}
+
+
+def _demo_architecture(name: str) -> Architecture:
+    from gptoss_webui.demo import DEMO_MODELS, VOCAB_SIZE  # shapes only: nothing is built
+
+    shape = DEMO_MODELS.get(name)
+    if shape is None:
+        raise EstimateError(f"unknown demo model 'demo:{name}'; known: "
+                            + ", ".join(f"demo:{n}" for n in DEMO_MODELS))
+    moe = shape.architecture == "gpt_oss"
+    return Architecture(
+        model_type=shape.architecture, layers=shape.layers, hidden=shape.hidden_size, heads=shape.heads,
+        kv_heads=shape.kv_heads, head_dim=shape.head_dim, intermediate=shape.intermediate_size,
+        vocab=VOCAB_SIZE, experts=shape.experts if moe else 0,
+        experts_per_token=shape.experts_per_token if moe else 0,
+        attention_bias=moe, tie_embeddings=not moe)  # as demo._model_config builds them
+
+
+def _hub_cache_config(name: str) -> Path | None:
+    """config.json of a hub model already in the local Hugging Face cache (newest snapshot)."""
+    if name.count("/") != 1:
+        return None
+    hub = os.environ.get("HF_HUB_CACHE") or os.path.join(
+        os.environ.get("HF_HOME", os.path.join(Path.home(), ".cache", "huggingface")), "hub")
+    snapshots = Path(hub) / f"models--{name.replace('/', '--')}" / "snapshots"
+    if not snapshots.is_dir():
+        return None
+    found = sorted(snapshots.glob("*/config.json"), key=lambda p: p.stat().st_mtime)
+    return found[-1] if found else None
+
+
+def resolve_architecture(model: str) -> Architecture:
+    """Architecture of train.model: a local folder, a demo name, a cached or built-in hub name."""
+    if model.startswith("demo:"):
+        return _demo_architecture(model.removeprefix("demo:"))
+    local = Path(model).expanduser()
+    config_path = local / "config.json" if local.is_dir() else _hub_cache_config(model)
+    if config_path is not None and config_path.is_file():
+        try:
+            return Architecture.from_config_json(json.loads(config_path.read_text(encoding="utf-8")))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise EstimateError(f"cannot read {config_path}: {exc}") from None
+    if model in BUILTIN_ARCHITECTURES:
+        return BUILTIN_ARCHITECTURES[model]
+    if local.is_dir():
+        raise EstimateError(f"{model} is a folder without config.json: not a model folder")
+    raise EstimateError(
+        f"cannot estimate memory for model '{model}': not a local folder with config.json, not in the "
+        f"Hugging Face cache, and not a built-in architecture ({', '.join(BUILTIN_ARCHITECTURES)}, "
+        "demo:tiny-gpt-oss, demo:tiny-dense). Point train.model at a downloaded model folder.")
+
+
+# --- LoRA parameter count ------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class LoraCount:
+    attention: int  # all target_modules, all layers
+    experts: int  # all target_parameters, expert layers only
+    expert_layers: tuple[int, ...]
+    notes: tuple[str, ...] = ()
+
+    @property
+    def total(self) -> int:
+        return self.attention + self.experts
+
+
+def count_lora(lora: LoraConfig, arch: Architecture) -> LoraCount:
+    """Exact trainable count as peft builds it. nn.Linear in->out at rank r: r*(in+out) (lora_A, lora_B).
+    peft's ParamWrapper on a 3-D [E, in, out] parameter makes lora_A = Linear(in, r*E) and
+    lora_B = Linear(r*E, out) (peft 0.21 tuners/lora/layer.py), i.e. r*E*(in+out)."""
+    r, notes = lora.r, []
+    shapes = arch.linear_shapes()
+    names = list(shapes) if "all-linear" in lora.target_modules else lora.target_modules
+    per_layer = 0
+    for name in names:
+        if name in shapes:
+            fan_in, fan_out = shapes[name]
+            per_layer += r * (fan_in + fan_out)
+        elif name != "all-linear":
+            notes.append(f"target module '{name}' is not a known nn.Linear of {arch.model_type}: not counted")
+    attention = per_layer * arch.layers
+
+    experts, layers = 0, ()
+    eshapes = arch.expert_shapes()
+    wanted = [p for p in lora.expert_parameters if p in eshapes]
+    for p in lora.expert_parameters:
+        if p not in eshapes:
+            notes.append(f"expert parameter '{p}' does not exist in {arch.model_type}: not counted")
+    if wanted:
+        chosen = range(arch.layers) if lora.expert_layers == "all" else lora.expert_layers
+        layers = tuple(sorted({i for i in chosen if 0 <= i < arch.layers}))
+        outside = sorted({i for i in chosen if not 0 <= i < arch.layers})
+        if outside:
+            notes.append(f"expert_layers {outside} do not exist ({arch.layers} layers): ignored")
+        experts = len(layers) * sum(r * e * (a + b) for e, a, b in (eshapes[p] for p in wanted))
+    return LoraCount(attention, experts, layers, tuple(notes))
+
+
+# --- the estimate ----------------------------------------------------------------------------------
+
+@dataclass
+class Term:
+    name: str
+    gib: float
+    detail: str = ""
+    counted: bool = True  # False: real, but not alive at the peak (shown for information)
+
+
+@dataclass
+class Fix:
+    change: str  # in words
+    overrides: list[str]  # for --set (TrainConfig keys prefixed with train.)
+    total_gib: float
+    margin_gib: float
+
+
+@dataclass
+class Estimate:
+    model: str
+    setup: str
+    terms: list[Term]
+    peak_allocated_gib: float  # what torch.cuda.max_memory_allocated would show
+    total_gib: float  # + CUDA context + fragmentation: what the card must hold
+    gpu_gib: float | None  # judged against; None = no GPU here and none configured
+    world_size: int
+    fits: bool
+    margin_gib: float  # gpu - total; negative = over by that much; 0.0 when gpu_gib is None
+    trainable_params: int
+    total_params: int
+    attention: str
+    peak_at: str
+    fix: Fix | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def verdict(self) -> str:
+        if self.gpu_gib is None:
+            return (f"needs {self.total_gib:.1f} GiB; no GPU on this host and train.gpu_memory_gib is unset, "
+                    "so nothing to judge against (the CPU demo trains in host memory)")
+        if self.fits:
+            return f"fits with {self.margin_gib:.1f} GiB to spare"
+        text = (f"does not fit: needs {self.total_gib:.1f} GiB per GPU, {-self.margin_gib:.1f} GiB over a "
+                f"{self.gpu_gib:.1f} GiB card")
+        if self.fix is None:
+            return text + ("; no change tried here makes it fit (4-bit experts/QLoRA or larger cards "
+                           "would be needed)")
+        return (f"{text}; cheapest fix: {self.fix.change} (--set {' --set '.join(self.fix.overrides)}): "
+                f"then needs {self.fix.total_gib:.1f} GiB, fits with {self.fix.margin_gib:.1f} GiB to spare")
+
+    def report(self) -> str:
+        width = max(len(t.name) for t in self.terms) + 2
+        lines = [f"{self.model}: {self.total_params / 1e9:.2f} B parameters, LoRA {self.trainable_params:,} "
+                 f"trainable ({100 * self.trainable_params / self.total_params:.4f} %)",
+                 f"per GPU: {self.setup}", ""]
+        for t in self.terms:
+            value = f"{t.gib:8.2f} GiB " if t.counted else f"{'(' + format(t.gib, '.2f'):>9} GiB)"
+            lines.append(f"  {t.name:<{width}}{value} {t.detail}".rstrip())
+        lines.append(f"  {'total':<{width}}{self.total_gib:8.2f} GiB  peak at the {self.peak_at}; "
+                     "( ) = not alive then")
+        if self.gpu_gib is not None:
+            lines.append(f"  {'GPU memory':<{width}}{self.gpu_gib:8.2f} GiB")
+        lines += ["", self.verdict]
+        lines += [f"note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["verdict"] = self.verdict
+        return out
+
+
+def resolve_attention(requested: str, model_type: str, on_gpu: bool) -> str:
+    """What `auto` becomes (as train/attention.py picks it): flex_attention for gpt-oss on a GPU."""
+    if requested != "auto":
+        return requested
+    if model_type == "gpt_oss":
+        return "flex_attention" if on_gpu else "eager"
+    return "sdpa"
+
+
+def _layer_saved_bytes_per_token(arch: Architecture, p: int) -> float:
+    """Activations one layer keeps for backward, per token, excluding eager attention scores."""
+    h, i = arch.hidden, arch.intermediate
+    norms = 2 * RMSNORM_SAVED_BYTES * h
+    # normed input of q/k/v, q and k after rope, v, attention output (o_proj input); lse per head (fp32)
+    attention = p * (h + 2 * arch.q_dim + 2 * arch.kv_dim) + 4 * arch.heads
+    if arch.experts:  # per routed copy: gathered input, gate_up output, SwiGLU tensors, down output
+        mlp = arch.experts_per_token * p * (2 * h + (2 + SWIGLU_SAVED) * i) + 2 * 4 * arch.experts
+    else:  # input, gate, up, act(gate), product
+        mlp = p * (h + 4 * i)
+    return norms + attention + mlp
+
+
+def estimate(train_cfg: TrainConfig, arch: Architecture, gpu_gib: float | None, world_size: int, *,
+             on_gpu: bool | None = None, search_fix: bool = True) -> Estimate:
+    """Per-GPU memory of train_cfg on `world_size` GPUs of `gpu_gib` each (None: nothing to judge against,
+    fits=True). on_gpu decides what attention `auto` becomes (default: gpu_gib is not None); search_fix=False
+    skips the search for a fix when it does not fit."""
+    cfg, n = train_cfg, max(1, world_size)
+    on_gpu = gpu_gib is not None if on_gpu is None else on_gpu
+    p = DTYPE_BYTES[cfg.precision]
+    ds = cfg.deepspeed
+    stage = ds.stage if ds.enabled else 0
+    offload_params = stage == 3 and ds.offload_params
+    offload_optimizer = stage > 0 and ds.offload_optimizer
+    b, s = cfg.optim.micro_batch_size, cfg.data.max_length
+    tokens = b * s
+    attention = resolve_attention(cfg.attention, arch.model_type, on_gpu)
+    quadratic = attention == "eager"
+    notes: list[str] = []
+    if arch.model_type == "gpt_oss" and attention in ("sdpa", "flash_attention_2"):
+        notes.append(f"attention={attention} is refused for gpt-oss (sinks); estimated as flex_attention")
+
+    lora = count_lora(cfg.lora, arch)
+    notes += lora.notes
+    P = lora.total
+
+    # 1. base weights (FACTS 1): a full copy per GPU unless ZeRO-3 shards or offloads them.
+    weights_all = arch.total_params * p / GIB
+    live = min(arch.total_params, ZERO3_LIVE_LAYERS * max(arch.layer_params, arch.embedding_params)) * p / GIB
+    terms = []
+    if offload_params:
+        terms.append(Term("base weights", 0.0, f"{weights_all:.2f} GiB in CPU memory (ZeRO-3 offload)"))
+    elif stage == 3:
+        terms.append(Term("base weights", weights_all / n, f"{weights_all:.2f} GiB sharded over {n} GPUs"))
+    else:
+        terms.append(Term("base weights", weights_all, f"{cfg.precision}, a full copy on every GPU"))
+    if stage == 3:
+        terms.append(Term("ZeRO-3 gathered layers", live, f"about {ZERO3_LIVE_LAYERS} layers materialised"))
+
+    # 2. LoRA weights + grads + Adam (FACTS 2): ZeRO-2/3 shard grads and Adam, ZeRO-3 the weights too.
+    shard = n if stage else 1
+    lora_bytes = P * (LORA_WEIGHT_BYTES / (n if stage == 3 else 1) + LORA_GRAD_BYTES / shard
+                      + (0 if offload_optimizer else ADAM_BYTES / shard))
+    terms.append(Term("LoRA weights + grads + Adam", lora_bytes / GIB,
+                      f"{P:,} params" + (", Adam in CPU memory" if offload_optimizer else "")))
+
+    # 3-5. activations, the layer in backward, logits: peak = max(loss backward, one layer's backward).
+    per_layer = _layer_saved_bytes_per_token(arch, p) * tokens
+    scores = b * arch.heads * s * (s + 1) * p if quadratic else 0.0  # one [b, heads, s, s+1] tensor
+    expert_w = arch.expert_params_per_layer * p if lora.expert_layers else 0  # W + scale*B@A, per layer
+    expert_grad = max((e * a * o for e, a, o in arch.expert_shapes().values()), default=0) * p \
+        if lora.expert_layers else 0  # gradient of the largest merged expert weight
+    final = tokens * arch.hidden * (RMSNORM_SAVED_BYTES + p)  # final norm + lm_head input
+    if cfg.gradient_checkpointing:
+        saved = arch.layers * tokens * arch.hidden * p + final
+        saved_detail = f"checkpoints: {arch.layers} layers x {b} x {s} x {arch.hidden} x {p} B"
+        layer = per_layer + (EAGER_SAVED_SCORES + EAGER_BACKWARD_SCORES) * scores + expert_w + expert_grad
+        layer_name = "recomputed layer"
+    else:
+        saved = arch.layers * (per_layer + EAGER_SAVED_SCORES * scores) + final \
+            + len(lora.expert_layers) * expert_w
+        saved_detail = f"all {arch.layers} layers kept (no checkpointing)"
+        layer = EAGER_BACKWARD_SCORES * scores + expert_grad
+        layer_name = "backward of one layer"
+    if not quadratic:  # flex: gradients of q, k, v and the output, one more copy of them
+        layer += p * (2 * arch.q_dim + 2 * arch.kv_dim) * tokens
+    n_scores = EAGER_BACKWARD_SCORES + (EAGER_SAVED_SCORES if cfg.gradient_checkpointing else 0)
+    layer_detail = (f"eager scores: {n_scores:g} x {b} x {arch.heads} x {s}^2 x {p} B" if quadratic
+                    else f"{attention}: linear in seq")
+    if expert_w:
+        layer_detail += f"; expert LoRA merged weights {(expert_w + expert_grad) / GIB:.2f} GiB"
+    logits = tokens * arch.vocab * (p + 4 * LOGITS_FP32_TENSORS)
+    loss_peak = logits >= layer
+    terms.append(Term("saved activations", saved / GIB, saved_detail))
+    terms.append(Term("logits + loss", logits / GIB, f"{b} x {s} x {arch.vocab:,} x "
+                      f"({p}+{4 * LOGITS_FP32_TENSORS}) B", counted=loss_peak))
+    terms.append(Term(layer_name, layer / GIB, layer_detail, counted=not loss_peak))
+
+    # 6. overhead: DeepSpeed buckets, then context and fragmentation (not in torch's allocated peak).
+    if stage:
+        k = {2: (ZERO2_BUCKETS, ZERO2_BUCKETS_OVERLAP), 3: (ZERO3_BUCKETS, ZERO3_BUCKETS_OVERLAP)}[stage]
+        k = k[ds.overlap_comm]
+        terms.append(Term("DeepSpeed buckets", k * ds.bucket_size * p / GIB,
+                          f"{k:g} x {ds.bucket_size:,} x {p} B"))
+    allocated = sum(t.gib for t in terms if t.counted)
+    if on_gpu:
+        terms.append(Term("CUDA context", CUDA_CONTEXT_GIB, "driver, kernels, cuBLAS workspace"))
+    terms.append(Term(f"fragmentation ({FRAGMENTATION:.0%})", FRAGMENTATION * allocated, "allocator slack"))
+    total = sum(t.gib for t in terms if t.counted)
+
+    fits = gpu_gib is None or total <= gpu_gib
+    margin = 0.0 if gpu_gib is None else gpu_gib - total
+    zero = {0: "no DeepSpeed", 2: "ZeRO-2", 3: "ZeRO-3"}[stage]
+    zero += " + offload params" if offload_params else ""
+    zero += " + offload optimizer" if offload_optimizer else ""
+    modes = [f"{n} GPU{'s' if n > 1 else ''}", zero,
+             cfg.precision, attention, f"checkpointing {'on' if cfg.gradient_checkpointing else 'off'}",
+             f"micro batch {b} x {s} tokens"]
+    est = Estimate(model=cfg.model, setup=", ".join(modes), terms=terms, peak_allocated_gib=allocated,
+                   total_gib=total, gpu_gib=gpu_gib, world_size=n, fits=fits, margin_gib=margin,
+                   trainable_params=P, total_params=arch.total_params, attention=attention,
+                   peak_at="loss backward" if loss_peak else layer_name, notes=notes)
+    if not fits and search_fix:
+        est.fix = find_fix(cfg, arch, gpu_gib, n, on_gpu)
+    return est
+
+
+# --- the cheapest fix ------------------------------------------------------------------------------
+
+MIN_MAX_LENGTH = 256  # shorter than this, a chat example rarely survives truncation
+
+
+@dataclass(frozen=True)
+class _Change:
+    words: str
+    values: dict[str, Any]  # dotted TrainConfig keys
+
+
+def _steps(cfg: TrainConfig, arch: Architecture, n: int, on_gpu: bool) -> list[list[_Change]]:
+    """Changes in the order of what they cost (speed, data, hardware); each step's alternatives go from
+    mild to strong."""
+    ds, steps = cfg.deepspeed, []
+    if not cfg.gradient_checkpointing:
+        steps.append([_Change("turn on gradient checkpointing", {"gradient_checkpointing": True})])
+    if on_gpu and arch.model_type == "gpt_oss" and cfg.attention == "eager":
+        steps.append([_Change("attention eager -> flex_attention", {"attention": "flex_attention"})])
+    mb, gas, alts = cfg.optim.micro_batch_size, cfg.optim.gradient_accumulation_steps, []
+    new = mb
+    while new > 1:
+        new //= 2
+        new_gas = max(1, round(gas * mb / new))
+        alts.append(_Change(f"micro batch {mb} -> {new} (gradient accumulation {gas} -> {new_gas} keeps the "
+                            "effective batch)",
+                            {"optim.micro_batch_size": new, "optim.gradient_accumulation_steps": new_gas}))
+    steps.append(alts)
+    length, s, alts = cfg.data.max_length, cfg.data.max_length // 2, []
+    while s >= MIN_MAX_LENGTH:
+        alts.append(_Change(f"max_length {length} -> {s} (longer examples are truncated)",
+                            {"data.max_length": s}))
+        s //= 2
+    steps.append(alts)
+    if not (ds.enabled and ds.offload_optimizer):
+        steps.append([_Change("offload optimizer states to CPU",
+                              {"deepspeed.enabled": True, "deepspeed.offload_optimizer": True})])
+    if not (ds.enabled and ds.stage == 3):
+        steps.append([_Change("ZeRO-3 (shard the weights over the GPUs)", {"deepspeed.enabled": True,
+                                                                            "deepspeed.stage": 3})])
+    zero3 = {"deepspeed.enabled": True, "deepspeed.stage": 3}
+    if not (ds.enabled and ds.offload_params):
+        steps.append([_Change("ZeRO-3 with parameter offload (weights in CPU memory; slower steps)",
+                              {**zero3, "deepspeed.offload_params": True})])
+    steps.append([_Change(f"ZeRO-3 on {m} GPUs of this size", {"num_gpus": m, **zero3})
+                  for m in (2 * n, 4 * n, 8 * n)])
+    return [step for step in steps if step]
+
+
+def _apply(cfg: TrainConfig, values: dict[str, Any]) -> TrainConfig | None:
+    data = cfg.model_dump()
+    for key, value in values.items():
+        node = data
+        *parents, last = key.split(".")
+        for part in parents:
+            node = node[part]
+        node[last] = value
+    try:
+        return TrainConfig.model_validate(data)
+    except ValueError:  # pydantic's ValidationError: a combination the config refuses
+        return None
+
+
+def _get(data: dict[str, Any], key: str) -> Any:
+    for part in key.split("."):
+        data = data[part]
+    return data
+
+
+def _override(key: str, value: Any) -> str:
+    return f"train.{key}={str(value).lower() if isinstance(value, bool) else value}"
+
+
+def find_fix(cfg: TrainConfig, arch: Architecture, gpu_gib: float, n: int, on_gpu: bool) -> Fix | None:
+    """Walk the steps of _steps in order, each earlier step kept at full strength, until one fits; then
+    drop each earlier step again, or soften it to its mildest alternative that still fits."""
+    def trial(changes: list[_Change]) -> Estimate | None:
+        values = {k: v for ch in changes for k, v in ch.values.items()}
+        new = _apply(cfg, values)
+        if new is None:
+            return None
+        est = estimate(new, arch, gpu_gib, int(values.get("num_gpus", n)), on_gpu=on_gpu, search_fix=False)
+        return est if est.fits else None
+
+    passed: list[list[_Change]] = []
+    for step in _steps(cfg, arch, n, on_gpu):
+        for last in step:
+            chosen: list[_Change | None] = [alts[-1] for alts in passed]
+            if (est := trial([*chosen, last])) is None:
+                continue
+            for i in reversed(range(len(passed))):
+                for option in [None, *passed[i]]:  # not needed at all, else as mild as possible
+                    changes = [c for c in [*chosen[:i], option, *chosen[i + 1:], last] if c is not None]
+                    if smaller := trial(changes):
+                        chosen[i], est = option, smaller
+                        break
+            changes = [c for c in [*chosen, last] if c is not None]
+            current = cfg.model_dump()
+            values = {k: v for ch in changes for k, v in ch.values.items() if _get(current, k) != v}
+            return Fix(" + ".join(ch.words for ch in changes), [_override(k, v) for k, v in values.items()],
+                       est.total_gib, est.margin_gib)
+        passed.append(step)
+    return None
+
+
+# --- entry point for the CLI and the UI ------------------------------------------------------------
+
+def estimate_for_recipe(train_cfg: TrainConfig) -> Estimate:
+    """Judge train_cfg against train.gpu_memory_gib, else the smallest GPU here; world size = train.num_gpus,
+    else the GPUs here, else 1. On a CPU-only host with no gpu_memory_gib, the numbers are computed and
+    `fits` is True (the CPU demo trains in host memory)."""
+    arch = resolve_architecture(train_cfg.model)
+    found = []
+    if train_cfg.gpu_memory_gib is None or train_cfg.num_gpus is None:
+        from gptoss_webui.hardware import gpus
+
+        found = gpus()
+    gpu_gib = train_cfg.gpu_memory_gib or (min(g.total_gib for g in found) if found else None)
+    world = train_cfg.num_gpus or len(found) or 1
+    return estimate(train_cfg, arch, gpu_gib, world)

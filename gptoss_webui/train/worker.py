@@ -1,0 +1,326 @@
+"""The training worker: one process per rank, started by the deepspeed launcher.
+
+    deepspeed --num_gpus N --module gptoss_webui.train.worker --run runs/<name> [--resume-from CKPT]
+
+`LoraFinetune` is the whole recipe in one class: setup (tokenizer, data, model, LoRA, Trainer under
+DeepSpeed), train, save, with progress written to runs/<name>/events.jsonl by rank 0. SIGTERM asks
+every rank to stop at the same step, save a checkpoint, and write a `stopped` event.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import signal
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from transformers import TrainerCallback
+
+from gptoss_webui.config import ConfigError, Recipe, TrainConfig
+from gptoss_webui.events import EventWriter
+from gptoss_webui.runs import Run
+from gptoss_webui.train.attention import AttentionError
+from gptoss_webui.train.data import IGNORE_INDEX, DataError, Example
+from gptoss_webui.train.lora import LoraTargetError
+
+USER_ERRORS = (ConfigError, DataError, LoraTargetError, AttentionError, FileNotFoundError)
+
+
+class ExampleDataset(torch.utils.data.Dataset):
+    def __init__(self, examples: list[Example]) -> None:
+        self.examples = examples
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, i: int) -> dict[str, list[int]]:
+        return {"input_ids": self.examples[i].input_ids, "labels": self.examples[i].labels}
+
+
+class PadCollator:
+    """Right-pad a batch: pad id for inputs, IGNORE_INDEX for labels, 0 in the attention mask."""
+
+    def __init__(self, pad_id: int) -> None:
+        self.pad_id = pad_id
+
+    def __call__(self, batch: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
+        width = max(len(b["input_ids"]) for b in batch)
+        ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
+        labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for i, b in enumerate(batch):
+            n = len(b["input_ids"])
+            ids[i, :n] = torch.tensor(b["input_ids"])
+            labels[i, :n] = torch.tensor(b["labels"])
+            mask[i, :n] = 1
+        return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+class StopRequest:
+    """Set by SIGTERM/SIGINT; all ranks agree on it at a step boundary (a rank alone would deadlock)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        signal.signal(signal.SIGTERM, self._handle)
+        signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.requested = True
+
+    def agreed(self) -> bool:
+        flag = torch.tensor([1 if self.requested else 0], dtype=torch.int32)
+        if dist.is_available() and dist.is_initialized():
+            if dist.get_backend() == "nccl":
+                flag = flag.cuda()
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+def peak_memory_gib() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+class ProgressCallback(TrainerCallback):
+    """Turns the Trainer's logs and saves into events; asks the Trainer to stop when requested."""
+
+    def __init__(self, events: EventWriter | None, stop: StopRequest, run: Run, start_info: dict[str, Any]):
+        self.events, self.stop, self.run, self.start_info = events, stop, run, start_info
+        self.stopped = False
+        self.t0 = self.t_last = time.time()
+        self.tokens_last = 0
+        self.first_step: int | None = None
+
+    def _emit(self, type: str, **fields: Any) -> None:
+        if self.events is not None:
+            self.events.emit(type, **fields)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.first_step = state.global_step
+        self.t0 = self.t_last = time.time()
+        self.tokens_last = state.num_input_tokens_seen
+        self._emit("start", total_steps=state.max_steps, resumed_from_step=state.global_step, **self.start_info)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.stop.agreed():
+            self.stopped = True
+            control.should_save = True
+            control.should_training_stop = True
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        logs = logs or {}
+        now = time.time()
+        if "loss" in logs:
+            tokens = state.num_input_tokens_seen
+            steps_done = state.global_step - (self.first_step or 0)
+            elapsed = now - self.t0
+            eta = (state.max_steps - state.global_step) * elapsed / steps_done if steps_done else None
+            self._emit("step", step=state.global_step, total=state.max_steps, epoch=round(state.epoch or 0, 4),
+                       loss=logs["loss"], lr=logs.get("learning_rate"), grad_norm=logs.get("grad_norm"),
+                       tokens_per_s=round((tokens - self.tokens_last) / max(now - self.t_last, 1e-9), 1),
+                       peak_mem_gib=round(peak_memory_gib(), 3), elapsed_s=round(elapsed, 2),
+                       eta_s=None if eta is None else round(eta, 1))
+            self.t_last, self.tokens_last = now, tokens
+        if "eval_loss" in logs:
+            self._emit("eval", step=state.global_step, eval_loss=logs["eval_loss"])
+
+    def on_save(self, args, state, control, **kwargs):
+        path = self.run.checkpoints_dir / f"checkpoint-{state.global_step}"
+        self._emit("checkpoint", step=state.global_step, path=str(path))
+
+
+class LoraFinetune:
+    """The recipe: setup -> train -> save. Runs in every rank; only rank 0 writes events and files."""
+
+    def __init__(self, run: Run, resume_from: str | None) -> None:
+        self.run = run
+        self.resume_from = resume_from
+        self.recipe = Recipe.from_yaml(run.config_path)
+        self.cfg: TrainConfig = self.recipe.train
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        self.events = EventWriter(run.events_path) if self.rank == 0 else None
+        self.stop = StopRequest()
+
+    # --- setup ----------------------------------------------------------------------------------
+    def setup(self) -> None:
+        from transformers import AutoConfig, AutoTokenizer, Trainer
+
+        from gptoss_webui.demo import resolve_model
+        from gptoss_webui.train.attention import choose_attention
+        from gptoss_webui.train.data import prepare
+
+        cfg = self.cfg
+        torch.manual_seed(cfg.optim.seed)
+        self.model_path = resolve_model(cfg.model)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
+        self.data = prepare(cfg.data, self.tokenizer, cfg.optim.seed)  # bad data fails before the model loads
+        model_config = AutoConfig.from_pretrained(self.model_path)
+        self.attention = choose_attention(cfg.attention, model_config.model_type, torch.cuda.is_available())
+        # TrainingArguments first: under ZeRO-3 it makes from_pretrained load the weights already sharded.
+        args = self._training_args()
+        model = self._load_model(model_config)
+        self.model = model
+        self.trainer = Trainer(
+            model=model,
+            args=args,
+            train_dataset=ExampleDataset(self.data.train),
+            eval_dataset=ExampleDataset(self.data.validation) if self.data.validation else None,
+            data_collator=PadCollator(self.tokenizer.pad_token_id),
+            callbacks=[ProgressCallback(self.events, self.stop, self.run, self._start_info(model))],
+        )
+
+    def _training_args(self):
+        from transformers import TrainingArguments
+
+        from gptoss_webui.train.zero import deepspeed_config
+
+        cfg, o = self.cfg, self.cfg.optim
+        scheduler_kwargs = {"min_lr_rate": 0.1} if o.lr_scheduler == "cosine_with_min_lr" else {}
+        return TrainingArguments(
+            output_dir=str(self.run.checkpoints_dir),
+            deepspeed=deepspeed_config(cfg) if cfg.deepspeed.enabled else None,
+            per_device_train_batch_size=o.micro_batch_size,
+            per_device_eval_batch_size=o.micro_batch_size,
+            gradient_accumulation_steps=o.gradient_accumulation_steps,
+            learning_rate=o.learning_rate,
+            lr_scheduler_type=o.lr_scheduler,
+            lr_scheduler_kwargs=scheduler_kwargs,
+            warmup_steps=o.warmup_ratio,  # a float below 1 is a ratio of the total steps
+            weight_decay=o.weight_decay,
+            max_grad_norm=o.max_grad_norm,
+            num_train_epochs=o.epochs,
+            max_steps=o.max_steps,
+            bf16=cfg.precision == "bf16",
+            fp16=cfg.precision == "fp16",
+            gradient_checkpointing=cfg.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+            logging_steps=cfg.logging_steps,
+            save_strategy="steps",
+            save_steps=cfg.save_steps,
+            save_total_limit=cfg.save_total_limit,
+            eval_strategy="steps" if self.data.validation else "no",
+            eval_steps=cfg.save_steps,
+            seed=o.seed,
+            data_seed=o.seed,
+            report_to=[],
+            include_num_input_tokens_seen=True,
+            remove_unused_columns=False,
+            dataloader_num_workers=0,
+            disable_tqdm=True,
+            use_cpu=not torch.cuda.is_available(),
+        )
+
+    def _load_model(self, model_config):
+        from peft import get_peft_model
+        from transformers import AutoModelForCausalLM
+
+        from gptoss_webui.train.lora import build_peft_config
+
+        cfg = self.cfg
+        if cfg.precision == "fp16" and model_config.model_type == "gpt_oss":
+            raise ConfigError("precision=fp16 is refused for gpt-oss: fp16 overflows in its last layers "
+                              "(all-NaN logits). Use bf16 (or fp32 on the CPU)")
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[cfg.precision]
+        kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": self.attention, "use_cache": False}
+        quant = getattr(model_config, "quantization_config", None) or {}
+        if (quant.get("quant_method") if isinstance(quant, dict) else getattr(quant, "quant_method", None)) == "mxfp4":
+            # MXFP4 weights are not trainable: dequantize them to bf16 on load.
+            from transformers import Mxfp4Config
+
+            kwargs["quantization_config"] = Mxfp4Config(dequantize=True)
+        model = AutoModelForCausalLM.from_pretrained(self.model_path, **kwargs)
+        if model_config.model_type == "gpt_oss" and self.cfg.deepspeed.stage == 3:
+            # Ranks routing tokens to different experts must still gather the same parameters.
+            from deepspeed.utils import set_z3_leaf_modules
+
+            set_z3_leaf_modules(model, [type(model.model.layers[0].mlp)])
+        if cfg.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        return get_peft_model(model, build_peft_config(cfg.lora, model))
+
+    def _start_info(self, model) -> dict[str, Any]:
+        trainable, total = model.get_nb_trainable_parameters()
+        cfg = self.cfg
+        return {
+            "world_size": self.world_size, "model": cfg.model, "trainable_params": trainable,
+            "total_params": total, "attention": self.attention, "data_format": self.data.format,
+            "train_examples": len(self.data.train), "validation_examples": len(self.data.validation),
+            "truncated_examples": self.data.truncated,
+            "config": {"lora_r": cfg.lora.r, "lr": cfg.optim.learning_rate, "precision": cfg.precision,
+                       "zero_stage": cfg.deepspeed.stage if cfg.deepspeed.enabled else None,
+                       "gradient_checkpointing": cfg.gradient_checkpointing,
+                       "max_length": cfg.data.max_length},
+        }
+
+    # --- train and save -------------------------------------------------------------------------
+    def train(self) -> None:
+        t0 = time.time()
+        if self.stop.requested:
+            self._emit("stopped", step=0, checkpoint=None)
+            return
+        self.trainer.train(resume_from_checkpoint=self.resume_from)
+        step = self.trainer.state.global_step
+        callback = next(c for c in self.trainer.callback_handler.callbacks if isinstance(c, ProgressCallback))
+        if callback.stopped:
+            latest = self.run.latest_checkpoint()
+            self._emit("stopped", step=step, checkpoint=str(latest) if latest else None)
+            return
+        self.save()
+        self._emit("done", step=step, adapter_path=str(self.run.adapter_dir), elapsed_s=round(time.time() - t0, 2))
+
+    def save(self) -> None:
+        self.trainer.save_model(str(self.run.adapter_dir))
+        if self.rank == 0:
+            self.tokenizer.save_pretrained(self.run.adapter_dir)
+            (self.run.adapter_dir / "README.md").write_text(self._model_card(), encoding="utf-8")
+
+    def _model_card(self) -> str:
+        return (f"# LoRA adapter for {self.cfg.model}\n\nTrained with gptoss-webui "
+                f"({self.trainer.state.global_step} steps, attention {self.attention}).\n\n"
+                f"```yaml\n{self.recipe.to_yaml()}```\n")
+
+    def _emit(self, type: str, **fields: Any) -> None:
+        if self.events is not None:
+            self.events.emit(type, **fields)
+
+
+def _log_tail(run: Run, lines: int = 30) -> str:
+    try:
+        return "\n".join(run.log_path.read_text(encoding="utf-8", errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--run", required=True)
+    parser.add_argument("--resume-from")
+    parser.add_argument("--local_rank", type=int, default=0)  # passed by the deepspeed launcher
+    args = parser.parse_args(argv)
+    run = Run(Path(args.run))
+    recipe = LoraFinetune(run, args.resume_from)
+    try:
+        recipe.setup()
+        recipe.train()
+        return 0
+    except USER_ERRORS as exc:
+        recipe._emit("error", message=str(exc), log_tail="")
+        print(f"error: {exc}", flush=True)
+        return 2
+    except Exception as exc:
+        tb = traceback.format_exc()
+        print(tb, flush=True)
+        recipe._emit("error", message=f"{type(exc).__name__}: {exc}", log_tail=tb[-4000:] + "\n" + _log_tail(run))
+        return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

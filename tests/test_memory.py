@@ -1,0 +1,306 @@
+"""The per-GPU memory estimate: exact parameter counts, hand-computed terms, the calibration against
+../shared/GPU-STACK.md's measured peaks, the shipped presets' verdicts, and the cheapest-fix search."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from gptoss_webui import hardware
+from gptoss_webui.cli import main
+from gptoss_webui.config import LoraConfig, TrainConfig
+from gptoss_webui.presets import load_preset
+from gptoss_webui.train.memory import (
+    BUILTIN_ARCHITECTURES,
+    GIB,
+    Architecture,
+    EstimateError,
+    count_lora,
+    estimate,
+    estimate_for_recipe,
+    resolve_architecture,
+)
+
+GPT_OSS_20B = BUILTIN_ARCHITECTURES["openai/gpt-oss-20b"]
+GPT_OSS_120B = BUILTIN_ARCHITECTURES["openai/gpt-oss-120b"]
+P20B = 20_914_757_184  # GPT-OSS-FACTS.md
+
+
+@pytest.fixture(autouse=True)
+def _no_gpus(monkeypatch):
+    """Judge only what the test says: this host's GPUs (or lack of them) never leak in."""
+    monkeypatch.setattr(hardware, "gpus", lambda: [])
+
+
+# --- architecture and LoRA counts ----------------------------------------------------------------
+
+def test_gpt_oss_parameter_counts_match_the_facts():
+    per_layer = (
+        (2880 * 4096 + 4096) + 2 * (2880 * 512 + 512) + (4096 * 2880 + 2880) + 64  # q, k, v, o (+bias), sinks
+        + (2880 * 32 + 32)  # router
+        + 32 * (2880 * 5760 + 5760) + 32 * (2880 * 2880 + 2880)  # experts gate_up, down (+bias)
+        + 2 * 2880  # two RMSNorms
+    )
+    assert GPT_OSS_20B.total_params == 24 * per_layer + 2 * 201_088 * 2880 + 2880 == P20B
+    assert round(GPT_OSS_120B.total_params / 1e9, 1) == 116.8
+    assert GPT_OSS_20B.expert_params_per_layer / GPT_OSS_20B.layer_params > 0.96
+
+
+def test_lora_counts_are_exact():
+    # GPT-OSS-FACTS.md: q_proj + v_proj on all 24 layers at r=8.
+    qv = LoraConfig(r=8, target_modules=["q_proj", "v_proj"], expert_parameters=[])
+    assert count_lora(qv, GPT_OSS_20B).total == 24 * 8 * ((2880 + 4096) + (2880 + 512)) == 1_990_656
+    # GPU-STACK.md: r=16 on q, k, v, o.
+    qkvo = LoraConfig(r=16, expert_parameters=[])
+    assert count_lora(qkvo, GPT_OSS_20B).total == 7_962_624
+    # peft ParamWrapper on [E, in, out]: lora_A Linear(in, r*E), lora_B Linear(r*E, out).
+    experts = LoraConfig(r=8, target_modules=[], expert_layers=[7, 15, 23])
+    assert count_lora(experts, GPT_OSS_20B).experts == 3 * 8 * 32 * ((2880 + 5760) + (2880 + 2880))
+    everything = LoraConfig(r=8, expert_layers="all")
+    assert count_lora(everything, GPT_OSS_20B).experts == 24 * 8 * 32 * ((2880 + 5760) + (2880 + 2880))
+    outside = count_lora(LoraConfig(r=8, expert_layers=[1, 30]), GPT_OSS_20B)
+    assert outside.expert_layers == (1,) and "[30]" in outside.notes[0]
+
+
+def test_counts_match_transformers_and_peft():
+    """The same numbers from a real (tiny) GptOss model and peft's own trainable count."""
+    pytest.importorskip("peft")
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM, GptOssConfig
+
+    shape = dict(vocab_size=96, hidden_size=48, num_hidden_layers=3, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=16, intermediate_size=40, num_local_experts=4,
+                 num_experts_per_tok=2, tie_word_embeddings=False)
+    config = GptOssConfig(**shape, layer_types=["sliding_attention", "full_attention", "sliding_attention"])
+    model = AutoModelForCausalLM.from_config(config)
+    arch = Architecture.from_config_json(json.loads(config.to_json_string()))
+    assert arch.total_params == sum(p.numel() for p in model.parameters())
+    ours = LoraConfig(r=4, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], expert_layers=[1])
+    peft_model = get_peft_model(model, PeftLoraConfig(
+        r=4, target_modules=ours.target_modules,
+        target_parameters=["1.mlp.experts.gate_up_proj", "1.mlp.experts.down_proj"]))
+    assert count_lora(ours, arch).total == sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+
+
+def test_architecture_sources(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({
+        "model_type": "gpt_oss", "num_hidden_layers": 24, "hidden_size": 2880, "num_attention_heads": 64,
+        "num_key_value_heads": 8, "head_dim": 64, "intermediate_size": 2880, "vocab_size": 201088,
+        "num_local_experts": 32, "num_experts_per_tok": 4, "attention_bias": True,
+        "tie_word_embeddings": False, "quantization_config": {"quant_method": "mxfp4"}}))
+    assert resolve_architecture(str(tmp_path)) == GPT_OSS_20B
+    tiny = resolve_architecture("demo:tiny-gpt-oss")
+    assert (tiny.layers, tiny.hidden, tiny.experts, tiny.head_dim) == (2, 64, 4, 32)
+    dense = resolve_architecture("demo:tiny-dense")
+    assert dense.experts == 0 and dense.tie_embeddings
+    with pytest.raises(EstimateError, match="not a local folder"):
+        resolve_architecture("someone/unknown-model")
+    with pytest.raises(EstimateError, match="demo:tiny-gpt-oss"):
+        resolve_architecture("demo:nope")
+
+
+# --- terms computed by hand ------------------------------------------------------------------------
+
+def _cfg(**kw) -> TrainConfig:
+    base = dict(model="openai/gpt-oss-20b", gpu_memory_gib=80.0, num_gpus=1)
+    return TrainConfig.model_validate({**base, **kw})
+
+
+def _terms(est) -> dict[str, float]:
+    return {t.name: t.gib for t in est.terms}
+
+
+def test_hand_computed_terms_zero2():
+    cfg = _cfg(data={"max_length": 4096}, lora={"r": 8, "expert_parameters": []}, num_gpus=2)
+    est = estimate(cfg, GPT_OSS_20B, 80.0, 2)
+    terms = _terms(est)
+    P = 24 * 8 * (2 * (2880 + 4096) + 2 * (2880 + 512))
+    assert est.trainable_params == P
+    assert terms["base weights"] == pytest.approx(P20B * 2 / 2**30)  # ZeRO-2: a full bf16 copy per GPU
+    assert terms["LoRA weights + grads + Adam"] == pytest.approx(P * (4 + (4 + 8) / 2) / 2**30)
+    assert terms["saved activations"] == pytest.approx(
+        (24 * 1 * 4096 * 2880 * 2 + 4096 * 2880 * (4 + 2)) / 2**30)  # layer inputs + final norm/lm_head input
+    assert terms["logits + loss"] == pytest.approx(1 * 4096 * 201_088 * (2 + 3 * 4) / 2**30)
+    assert terms["DeepSpeed buckets"] == pytest.approx(4.5 * 200_000_000 * 2 / 2**30)
+    assert terms["CUDA context"] == 0.75
+    assert est.peak_at == "loss backward"
+    counted = [t.gib for t in est.terms if t.counted]
+    assert est.total_gib == pytest.approx(sum(counted))
+    assert terms["fragmentation (5%)"] == pytest.approx(0.05 * est.peak_allocated_gib)
+    assert est.margin_gib == pytest.approx(80.0 - est.total_gib)
+
+
+def test_hand_computed_terms_zero3_and_offload():
+    z3 = _cfg(deepspeed={"stage": 3}, num_gpus=4)
+    terms = _terms(estimate(z3, GPT_OSS_20B, 80.0, 4))
+    assert terms["base weights"] == pytest.approx(P20B * 2 / 4 / 2**30)
+    assert terms["ZeRO-3 gathered layers"] == pytest.approx(2 * GPT_OSS_20B.layer_params * 2 / 2**30)
+    off = _cfg(deepspeed={"stage": 3, "offload_params": True, "offload_optimizer": True}, num_gpus=2)
+    est = estimate(off, GPT_OSS_20B, 80.0, 2)
+    terms = _terms(est)
+    assert terms["base weights"] == 0.0
+    P = est.trainable_params
+    assert terms["LoRA weights + grads + Adam"] == pytest.approx(P * (4 / 2 + 4 / 2) / 2**30)  # Adam on CPU
+
+
+def test_eager_recompute_is_quadratic_and_flex_linear():
+    eager = estimate(_cfg(data={"max_length": 8192}, attention="eager"), GPT_OSS_20B, 80.0, 1)
+    flex = estimate(_cfg(data={"max_length": 8192}, attention="auto"), GPT_OSS_20B, 80.0, 1)
+    assert flex.attention == "flex_attention"  # auto on a GPU, for gpt-oss
+    layer = _terms(eager)["recomputed layer"]
+    assert layer > 4 * 64 * 8192 * 8192 * 2 / 2**30  # 4.25 score tensors of b x heads x s x s x 2 B
+    assert eager.peak_at == "recomputed layer" and flex.peak_at == "loss backward"
+    assert eager.total_gib > flex.total_gib + 10
+
+
+# --- calibration against GPU-STACK.md --------------------------------------------------------------
+
+# gpt-oss-20b architecture, LoRA r=16 on q,k,v,o, AdamW, micro batch 1, no DeepSpeed, one GPU.
+# (seq, gradient checkpointing, attention, measured peak GiB or None for OOM). Same numbers on H100/H200.
+MEASURED_WEIGHTS_GIB = 38.99
+MEASURED = [
+    (1024, False, "eager", 50.77),
+    (1024, True, "eager", 41.95),
+    (4096, True, "eager", 50.49),  # also 50.49 with the per-expert loop: the experts kernel does not matter
+    (4096, False, "eager", 121.81),
+    (8192, True, "eager", 76.08),
+    (4096, True, "flex_attention", 50.43),
+    (8192, True, "flex_attention", 61.73),
+    (4096, False, "flex_attention", 73.29),
+]
+# Which ran and which ran out of memory, per card.
+VERDICTS = {
+    139.8: [(8192, False, "eager", False)] + [(s, c, a, True) for s, c, a, _ in MEASURED],
+    79.18: [(1024, False, "eager", True), (1024, True, "eager", True), (4096, True, "eager", True),
+            (4096, False, "eager", False), (8192, True, "eager", False), (4096, True, "flex_attention", True),
+            (8192, True, "flex_attention", True), (4096, False, "flex_attention", True)],
+}
+
+
+def _measured_cfg(seq: int, ckpt: bool, attention: str) -> TrainConfig:
+    return _cfg(data={"max_length": seq}, gradient_checkpointing=ckpt, attention=attention,
+                lora={"r": 16, "alpha": 32, "expert_parameters": []}, deepspeed={"enabled": False})
+
+
+def calibration_table() -> list[tuple[int, bool, str, float, float, float, float]]:
+    rows = []
+    for seq, ckpt, attention, measured in MEASURED:
+        est = estimate(_measured_cfg(seq, ckpt, attention), GPT_OSS_20B, 139.8, 1)
+        peak = est.peak_allocated_gib  # torch's allocated peak: no context, no fragmentation
+        excess_err = (peak - MEASURED_WEIGHTS_GIB) / (measured - MEASURED_WEIGHTS_GIB)
+        err = 100 * (peak / measured - 1)
+        rows.append((seq, ckpt, attention, measured, peak, err, 100 * (excess_err - 1)))
+    return rows
+
+
+def test_calibration_against_measured_peaks():
+    # The four activation/logits constants were fitted on six of these rows (1024/4096 eager without
+    # checkpointing, 4096 flex without, 8192 eager with, 4096/8192 flex with); the 1024 and 4096 eager
+    # checkpointed rows were not used. All eight land within 0.5 % of the measured peak (1.5 % of the part
+    # above the weights), so the bound asserted is 1 % and 2 %.
+    for seq, ckpt, attention, measured, peak, err, excess_err in calibration_table():
+        print(f"seq {seq:5d} ckpt {ckpt!s:5} {attention:14s} measured {measured:7.2f} estimated {peak:7.2f} "
+              f"error {err:+5.2f} % (above weights {excess_err:+5.2f} %)")
+        assert abs(err) <= 1.0, (seq, ckpt, attention)
+        assert abs(excess_err) <= 2.0, (seq, ckpt, attention)
+
+
+@pytest.mark.parametrize("gpu_gib", sorted(VERDICTS))
+def test_verdicts_match_what_ran_and_what_ran_out_of_memory(gpu_gib):
+    for seq, ckpt, attention, ran in VERDICTS[gpu_gib]:
+        est = estimate(_measured_cfg(seq, ckpt, attention), GPT_OSS_20B, gpu_gib, 1)
+        assert est.fits is ran, (gpu_gib, seq, ckpt, attention, est.total_gib)
+
+
+# --- the shipped presets ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["gpt-oss-20b-1xh100", "gpt-oss-20b-2x24gb", "gpt-oss-120b-8xh100",
+                                  "tiny-cpu-demo"])
+def test_shipped_presets_fit(name):
+    est = estimate_for_recipe(load_preset(name).train)
+    assert est.fits, est.report()
+    assert est.margin_gib >= 0
+
+
+def test_2x24gb_preset_is_honest():
+    est = estimate_for_recipe(load_preset("gpt-oss-20b-2x24gb").train)
+    assert est.gpu_gib == 23.5 and est.world_size == 2 and est.fits
+    assert "fits with" in est.report()
+
+
+def test_2x24gb_under_zero2_does_not_fit_and_says_why():
+    train = load_preset("gpt-oss-20b-2x24gb", ["train.deepspeed.stage=2",
+                                               "train.deepspeed.offload_params=false"]).train
+    est = estimate_for_recipe(train)
+    assert not est.fits
+    assert est.margin_gib < -(P20B * 2 / 2**30 - 23.5)  # the bf16 weights alone are over the card
+    assert f"{-est.margin_gib:.1f} GiB over a 23.5 GiB card" in est.verdict
+    assert est.fix is not None and "ZeRO-3" in est.fix.change and "offload" in est.fix.change
+    assert "train.deepspeed.offload_params=true" in est.fix.overrides and est.fix.margin_gib > 0
+    assert "cheapest fix" in est.report()
+
+
+def test_cli_exit_codes(capsys):
+    assert main(["estimate", "--config", "gpt-oss-20b-1xh100"]) == 0
+    assert "fits with" in capsys.readouterr().out
+    assert main(["estimate", "--config", "gpt-oss-20b-2x24gb", "--set", "train.deepspeed.stage=2",
+                 "--set", "train.deepspeed.offload_params=false"]) == 1
+    assert "does not fit" in capsys.readouterr().out
+
+
+# --- judging target, fixes, UI contract -------------------------------------------------------------
+
+def test_cpu_host_without_gpu_memory_still_computes():
+    est = estimate_for_recipe(load_preset("tiny-cpu-demo").train)
+    assert est.gpu_gib is None and est.fits and est.total_gib > 0
+    assert est.attention == "eager"  # what the CPU demo runs
+    assert "no GPU" in est.report()
+
+
+def test_gpus_present_set_card_size_and_world(monkeypatch):
+    cards = [hardware.Gpu(0, "A", 24.0, 0.1), hardware.Gpu(1, "B", 22.0, 0.1)]
+    monkeypatch.setattr(hardware, "gpus", lambda: cards)
+    est = estimate_for_recipe(TrainConfig(model="demo:tiny-gpt-oss"))
+    assert est.gpu_gib == 22.0 and est.world_size == 2
+
+
+@pytest.mark.parametrize("changes, words", [
+    (dict(gradient_checkpointing=False, attention="eager"), "gradient checkpointing"),
+    (dict(data={"max_length": 8192}, attention="eager"), "flex_attention"),
+    (dict(optim={"micro_batch_size": 4, "gradient_accumulation_steps": 2}), "micro batch 4 -> 2"),
+])
+def test_cheapest_fix_order(changes, words):
+    est = estimate(_cfg(**{"lora": {"expert_parameters": []}, "data": {"max_length": 4096}, **changes}),
+                   GPT_OSS_20B, 79.18, 1)
+    assert not est.fits and est.fix is not None
+    assert words in est.fix.change and "+" not in est.fix.change
+
+
+def test_combined_fix_when_no_single_change_fits():
+    cfg = _cfg(gradient_checkpointing=False, attention="eager", data={"max_length": 8192})
+    est = estimate(cfg, GPT_OSS_20B, 79.18, 1)
+    assert not est.fits and est.fix is not None and "+" in est.fix.change
+    assert est.fix.change == "turn on gradient checkpointing + attention eager -> flex_attention"
+    assert est.fix.overrides == ["train.gradient_checkpointing=true", "train.attention=flex_attention"]
+    assert est.fix.margin_gib >= 0
+
+
+def test_to_dict_is_json_and_import_is_light():
+    est = estimate_for_recipe(load_preset("gpt-oss-20b-1xh100").train)
+    data = json.loads(json.dumps(est.to_dict()))
+    assert data["fits"] and data["verdict"].startswith("fits") and data["terms"][0]["name"] == "base weights"
+    code = ("import sys; from gptoss_webui.presets import load_preset; from gptoss_webui.train.memory import "
+            "estimate_for_recipe; estimate_for_recipe(load_preset('gpt-oss-120b-8xh100').train); "
+            "assert 'torch' not in sys.modules, 'estimate imported torch'")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_fits_is_total_against_gpu_memory():
+    est = estimate(_cfg(), GPT_OSS_20B, 1000.0, 1)
+    tight = estimate(_cfg(), GPT_OSS_20B, est.total_gib - 0.01, 1)
+    assert est.fits and not tight.fits and tight.margin_gib == pytest.approx(-0.01)
+    assert GIB == 2**30

@@ -1,0 +1,69 @@
+"""Bad input is refused before anything launches, with a message that says what to change."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from gptoss_webui.presets import load_recipe
+from gptoss_webui.train.attention import AttentionError, choose_attention
+from gptoss_webui.train.data import DataError
+from gptoss_webui.train.launcher import LaunchError, launch
+from gptoss_webui.train.lora import LoraTargetError
+
+
+def _launch(tmp_path, *overrides: str):
+    recipe = load_recipe("tiny-cpu-demo", [f"train.runs_dir={tmp_path / 'runs'}", *overrides])
+    return launch(recipe)
+
+
+@pytest.mark.parametrize(("overrides", "error", "expected"), [
+    (["train.model=/nonexistent/model"], LaunchError,
+     r"model not found: '/nonexistent/model' is neither a local folder nor a model in the Hugging Face cache"),
+    (["train.lora.target_modules=[q_proj,query]"], LoraTargetError,
+     r"unknown LoRA target module\(s\) \['query'\]; this model's linear modules are: .*k_proj, o_proj, q_proj"),
+    (["train.lora.expert_parameters=[up_proj]"], LoraTargetError,
+     r"unknown expert parameter\(s\) \['up_proj'\]; this model has: down_proj, gate_up_proj"),
+    (["train.lora.expert_layers=[5]"], LoraTargetError, r"lora.expert_layers \[5\] out of range: .*0..1"),
+    (["train.lora.target_modules=[]", "train.lora.expert_parameters=[]"], LoraTargetError, "nothing to train"),
+    (["train.precision=fp16"], LaunchError, r"precision=fp16 is refused for gpt-oss: fp16 overflows"),
+    (["train.attention=flash_attention_2"], AttentionError, r"FlashAttention 2 has no attention sinks"),
+    (["train.attention=sdpa"], AttentionError, r"attention=sdpa is refused by transformers for gpt-oss"),
+    (["train.attention=flex_attention"], AttentionError, r"runs only on a GPU"),
+    (["train.deepspeed.offload_optimizer=true"], LaunchError, r"on a CPU-only host there is nothing to offload"),
+    (["train.hostfile=/nonexistent/hostfile"], LaunchError, r"hostfile not found"),
+    (["train.data.path=/nonexistent/data.jsonl"], DataError, r"dataset file not found: /nonexistent/data.jsonl"),
+    (["train.gpu_memory_gib=2"], LaunchError,
+     r"(?s)does not fit: needs .* GiB per GPU, .* GiB over a 2.0 GiB card.*--force"),
+])
+def test_refused_before_launch(tmp_path, overrides, error, expected):
+    with pytest.raises(error, match=expected):
+        _launch(tmp_path, *overrides)
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir()), "no run folder left"
+
+
+def test_expert_parameters_on_a_dense_model_are_explained(tmp_path):
+    expected = "has no fused expert parameters .* set lora.expert_parameters=\\[\\]"
+    with pytest.raises(LoraTargetError, match=expected):
+        _launch(tmp_path, "train.model=demo:tiny-dense")
+
+
+def test_wrong_schema_fails_before_the_model_loads(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n", encoding="utf-8")
+    with pytest.raises(DataError, match="bad.jsonl line 1: the last message must be the assistant's answer"):
+        _launch(tmp_path, f"train.data.path={bad}")
+
+
+def test_a_taken_run_folder_is_refused(tmp_path):
+    (tmp_path / "runs" / "mine").mkdir(parents=True)
+    with pytest.raises(FileExistsError, match="run folder .*mine already exists: pick another run_name, resume"):
+        _launch(tmp_path, "train.run_name=mine", "train.optim.max_steps=1")
+
+
+def test_auto_attention_per_device_and_architecture():
+    assert choose_attention("auto", "gpt_oss", on_gpu=True) == "flex_attention"
+    assert choose_attention("auto", "gpt_oss", on_gpu=False) == "eager"
+    assert choose_attention("auto", "llama", on_gpu=False) == "sdpa"
+    assert choose_attention("eager", "gpt_oss", on_gpu=True) == "eager"
