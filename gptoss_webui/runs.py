@@ -108,7 +108,8 @@ class RunsDir:
         return Run(path)
 
     def get(self, name: str) -> Run:
-        path = self.root / name
+        """A run by folder name, or by path (as printed by `train`)."""
+        path = Path(name) if Path(name).is_dir() else self.root / name
         if not (path / "config.yaml").is_file():
             raise FileNotFoundError(f"no run named '{name}' in {self.root} (no config.yaml there)")
         return Run(path)

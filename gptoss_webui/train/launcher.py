@@ -158,7 +158,7 @@ def launch(recipe: Recipe, force: bool = False) -> Run:
 
 
 def resume(run_name: str, runs_dir: str = "runs", force: bool = False) -> Run:
-    run = RunsDir(runs_dir).get(run_name) if not Path(run_name).is_dir() else Run(Path(run_name))
+    run = RunsDir(runs_dir).get(run_name)
     state = run_state(run)
     if state in ("running", "stopping"):
         raise LaunchError(f"run {run.name} is still {state}; stop it first")

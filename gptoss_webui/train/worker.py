@@ -136,6 +136,42 @@ class ProgressCallback(TrainerCallback):
         self._emit("checkpoint", step=state.global_step, path=str(path))
 
 
+def load_model(model_path: str, model_config, cfg: TrainConfig, attention: str):
+    """Load the base weights for training (MXFP4 dequantized to bf16), then `prepare_model`."""
+    from transformers import AutoModelForCausalLM
+
+    if cfg.precision == "fp16" and model_config.model_type == "gpt_oss":
+        raise ConfigError("precision=fp16 is refused for gpt-oss: fp16 overflows in its last layers "
+                          "(all-NaN logits). Use bf16 (or fp32 on the CPU)")
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[cfg.precision]
+    kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": attention, "use_cache": False}
+    quant = getattr(model_config, "quantization_config", None) or {}
+    method = quant.get("quant_method") if isinstance(quant, dict) else getattr(quant, "quant_method", None)
+    if method == "mxfp4":
+        # MXFP4 weights are not trainable: dequantize them to bf16 on load.
+        from transformers import Mxfp4Config
+
+        kwargs["quantization_config"] = Mxfp4Config(dequantize=True)
+    return prepare_model(AutoModelForCausalLM.from_pretrained(model_path, **kwargs), cfg)
+
+
+def prepare_model(model, cfg: TrainConfig):
+    """Gradient checkpointing, ZeRO-3 leaf modules and LoRA on a loaded model (shared with bench/train.py)."""
+    from peft import get_peft_model
+
+    from gptoss_webui.train.lora import build_peft_config
+
+    if model.config.model_type == "gpt_oss" and cfg.deepspeed.enabled and cfg.deepspeed.stage == 3:
+        # Ranks routing tokens to different experts must still gather the same parameters.
+        from deepspeed.utils import set_z3_leaf_modules
+
+        set_z3_leaf_modules(model, [type(model.model.layers[0].mlp)])
+    if cfg.gradient_checkpointing:
+        model.config.use_cache = False
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return get_peft_model(model, build_peft_config(cfg.lora, model))
+
+
 class LoraFinetune:
     """The recipe: setup -> train -> save. Runs in every rank; only rank 0 writes events and files."""
 
@@ -166,7 +202,7 @@ class LoraFinetune:
         self.attention = choose_attention(cfg.attention, model_config.model_type, torch.cuda.is_available())
         # TrainingArguments first: under ZeRO-3 it makes from_pretrained load the weights already sharded.
         args = self._training_args()
-        model = self._load_model(model_config)
+        model = load_model(self.model_path, model_config, cfg, self.attention)
         self.model = model
         self.trainer = Trainer(
             model=model,
@@ -217,34 +253,6 @@ class LoraFinetune:
             disable_tqdm=True,
             use_cpu=not torch.cuda.is_available(),
         )
-
-    def _load_model(self, model_config):
-        from peft import get_peft_model
-        from transformers import AutoModelForCausalLM
-
-        from gptoss_webui.train.lora import build_peft_config
-
-        cfg = self.cfg
-        if cfg.precision == "fp16" and model_config.model_type == "gpt_oss":
-            raise ConfigError("precision=fp16 is refused for gpt-oss: fp16 overflows in its last layers "
-                              "(all-NaN logits). Use bf16 (or fp32 on the CPU)")
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[cfg.precision]
-        kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": self.attention, "use_cache": False}
-        quant = getattr(model_config, "quantization_config", None) or {}
-        if (quant.get("quant_method") if isinstance(quant, dict) else getattr(quant, "quant_method", None)) == "mxfp4":
-            # MXFP4 weights are not trainable: dequantize them to bf16 on load.
-            from transformers import Mxfp4Config
-
-            kwargs["quantization_config"] = Mxfp4Config(dequantize=True)
-        model = AutoModelForCausalLM.from_pretrained(self.model_path, **kwargs)
-        if model_config.model_type == "gpt_oss" and self.cfg.deepspeed.stage == 3:
-            # Ranks routing tokens to different experts must still gather the same parameters.
-            from deepspeed.utils import set_z3_leaf_modules
-
-            set_z3_leaf_modules(model, [type(model.model.layers[0].mlp)])
-        if cfg.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        return get_peft_model(model, build_peft_config(cfg.lora, model))
 
     def _start_info(self, model) -> dict[str, Any]:
         trainable, total = model.get_nb_trainable_parameters()
