@@ -1,0 +1,120 @@
+"""The UI's handle on the one vLLM engine: serve/engine.py's Engine plus a background task runner.
+
+Starting an engine (and merging an adapter first) takes tens of seconds to minutes, longer than a
+click should block; the task runs in a thread and records what it says, and every page polls
+`snapshot()`. The engine's own state lives in <runs_dir>/engine.json, so a reloaded page or a restarted
+UI finds a running engine again (the engine runs in its own session and outlives the UI).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from gptoss_webui.config import ServeConfig
+
+Say = Callable[[str], None]
+
+
+@dataclass
+class Task:
+    name: str  # start / serve_run / load / unload / stop
+    messages: list[str] = field(default_factory=list)
+    error: str | None = None
+    done: bool = False
+    started_at: float = field(default_factory=time.time)
+
+
+@dataclass
+class Snapshot:
+    state: str  # stopped / starting / running / crashed (the engine's), or "busy" while a task runs
+    info: Any  # serve.engine.EngineInfo
+    task: Task | None
+    log_tail: str
+
+
+class EngineControl:
+    def __init__(self, state_path: Path) -> None:
+        self.state_path = state_path
+        self._engine: Any = None
+        self._task: Task | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def engine(self) -> Any:
+        if self._engine is None:
+            from gptoss_webui.serve.engine import Engine
+
+            self._engine = Engine(self.state_path)
+        return self._engine
+
+    @property
+    def busy(self) -> bool:
+        return self._task is not None and not self._task.done
+
+    def snapshot(self) -> Snapshot:
+        task = self._task
+        if self.busy:
+            # Engine.start holds its lock while it merges: read its fields without calling status().
+            info = self.engine.info
+            return Snapshot("busy", info, task, self.engine.log_tail())
+        info = self.engine.status()
+        return Snapshot(info.state, info, task, self.engine.log_tail() if info.state != "stopped" else "")
+
+    def _run(self, name: str, work: Callable[[Say], None]) -> None:
+        with self._lock:
+            if self.busy:
+                raise RuntimeError(f"busy: {self._task.name if self._task else ''}")
+            task = self._task = Task(name)
+
+        def body() -> None:
+            try:
+                work(task.messages.append)
+            except Exception as exc:  # EngineError, MergeError, ...: their messages are for people
+                task.error = str(exc)
+            finally:
+                task.done = True
+
+        threading.Thread(target=body, name=f"engine-{name}", daemon=True).start()
+
+    # --- actions (each returns at once) -----------------------------------------------------------
+    def start(self, config: ServeConfig) -> None:
+        self._run("start", lambda say: self.engine.start(config, progress=say))
+
+    def stop(self) -> None:
+        self._run("stop", lambda say: (self.engine.stop(), say("stopped")))
+
+    def serve_adapter(self, config: ServeConfig, name: str, adapter: str, mode: str) -> None:
+        """Serve a run's adapter: hot-load into the running engine where possible, else (re)start the
+        engine with it (merged where the engine cannot run LoRA for this model, or when asked to)."""
+
+        def work(say: Say) -> None:
+            info = self.engine.status()
+            running_same_base = info.state == "running" and info.model_spec == config.model
+            if running_same_base and info.lora_enabled and mode != "merge":
+                say(self.engine.load_adapter(name, adapter).message)
+                return
+            if info.state in ("starting", "running"):
+                say("restarting the engine with the adapter")
+                self.engine.stop()
+            self.engine.start(config, adapters={name: adapter}, adapter_mode=mode, progress=say)
+
+        self._run("serve_run", work)
+
+    def unload(self, name: str) -> None:
+        self._run("unload", lambda say: (self.engine.unload_adapter(name), say(f"unloaded {name}")))
+
+
+_controls: dict[Path, EngineControl] = {}
+
+
+def control_for(runs_dir: str | Path) -> EngineControl:
+    """One control per state file in this process, shared by every browser session."""
+    path = (Path(runs_dir) / "engine.json").resolve()
+    if path not in _controls:
+        _controls[path] = EngineControl(path)
+    return _controls[path]

@@ -1,0 +1,125 @@
+"""The page against the real app (fast cases, no training): the memory gate, reattaching, login.
+
+Each test starts `python webui.py` in a subprocess and drives it with Debian's Chromium.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from gptoss_webui.events import EventWriter
+from gptoss_webui.runs import RunsDir
+
+from .harness import (
+    browser_page,
+    have_chromium,
+    plotted_points,
+    running_app,
+    shot,
+    until,
+    wait_text,
+)
+
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(not have_chromium(), reason="/usr/bin/chromium is not installed "
+                                 "(apt-get install chromium); Playwright's own browser download is not used")]
+
+
+def test_estimate_refusal_disables_start_with_the_reason(tmp_path):
+    with running_app(tmp_path / "runs") as url, browser_page() as page:
+        page.goto(url)
+        page.wait_for_selector("#gw-estimate")
+        page.get_by_label("Preset").click()
+        page.get_by_role("option", name="gpt-oss-20b-2x24gb").click()
+        wait_text(page, "#gw-estimate", "Fits")  # the preset as shipped (ZeRO-3 + offload) fits 23.5 GiB
+        assert page.locator("#gw-start").is_enabled()
+        # ZeRO-2 keeps a full bf16 copy (39 GiB) on each 23.5 GiB card: refused, with the reason and a fix.
+        page.get_by_label("Offload weights to CPU").uncheck()
+        page.locator("#gw-train-ds_stage label", has_text="2").click()
+        text = wait_text(page, "#gw-estimate", "Does not fit")
+        assert "23.5 GiB" in text and "Suggested fix" in text
+        assert "not fit" in wait_text(page, "#gw-start-reason", "disabled")
+        page.wait_for_function("() => document.querySelector('#gw-start').disabled")
+        shot(page, "estimate-refused")
+        # Force lets it through (the launcher is still told force=True); the fix makes it fit again.
+        page.get_by_label("Force").check()
+        page.wait_for_function("() => !document.querySelector('#gw-start').disabled")
+        assert "Forced" in page.locator("#gw-start-reason").inner_text()
+        page.get_by_label("Force").uncheck()
+        page.locator("#gw-apply-fix").click()
+        wait_text(page, "#gw-estimate", "Fits")
+        page.wait_for_function("() => !document.querySelector('#gw-start').disabled")
+
+
+def _fake_running_run(runs_dir, pid: int):
+    """A run folder as the launcher leaves it, owned by a live process (no deepspeed needed)."""
+    run = RunsDir(runs_dir).create("live-run")
+    run.config_path.write_text("train: {}\n")
+    run.write_status(state="running", pid=pid, pgid=pid)
+    w = EventWriter(run.events_path)
+    w.emit("start", world_size=1, model="demo:tiny-gpt-oss", trainable_params=10, total_params=100,
+           total_steps=10, resumed_from_step=0, config={})
+    run.log_path.write_text("worker says hello\n")
+    return run, w
+
+
+def _step(w: EventWriter, step: int) -> None:
+    w.emit("step", step=step, total=10, epoch=step / 10, loss=3.0 - step / 10, lr=1e-3, grad_norm=1.0,
+           tokens_per_s=123.0, peak_mem_gib=1.0, elapsed_s=step, eta_s=10 - step)
+
+
+def test_reload_and_restart_reattach_to_a_running_run(tmp_path):
+    runs = tmp_path / "runs"
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"])
+    try:
+        run, w = _fake_running_run(runs, sleeper.pid)
+        for s in (1, 2, 3):
+            _step(w, s)
+        with running_app(runs) as url, browser_page() as page:
+            page.goto(url)
+            wait_text(page, "#gw-run-state", "live-run")
+            assert "running" in page.locator("#gw-run-state").inner_text()
+            wait_text(page, "#gw-progress", "Step 3 / 10")
+            assert page.locator("#gw-stop").is_enabled()
+            _step(w, 4)  # the page follows the folder on its timer
+            wait_text(page, "#gw-progress", "Step 4 / 10")
+            page.reload()
+            wait_text(page, "#gw-progress", "Step 4 / 10")
+            assert "worker says hello" in page.locator("#gw-log textarea").input_value()
+        _step(w, 5)  # while no UI runs at all
+        with running_app(runs) as url, browser_page() as page:  # a restarted UI finds it again
+            page.goto(url)
+            wait_text(page, "#gw-progress", "Step 5 / 10")
+            until(lambda: plotted_points(page, "#gw-loss-plot") >= 5, 30)
+            sleeper.kill()
+            sleeper.wait()
+            # The process vanished without a final event: the run shows as failed and can be resumed.
+            wait_text(page, "#gw-run-state", "failed")
+            page.wait_for_function("() => !document.querySelector('#gw-resume').disabled")
+            shot(page, "reattached")
+    finally:
+        if sleeper.poll() is None:
+            sleeper.kill()
+            sleeper.wait()
+
+
+def test_public_bind_requires_login(tmp_path):
+    runs = tmp_path / "runs"
+    with running_app(runs, "--host", "0.0.0.0", "--auth", "ann:s3cret-pw") as url, browser_page() as page:
+        page.goto(url)
+        page.wait_for_selector("input[type=password]", timeout=30000)
+        assert page.locator("#gw-estimate").count() == 0
+        assert "gpt-oss WebUI" in page.content() and "/on_start" not in page.content()  # no endpoint list
+        for password in ("wrong", "s3cret-pw"):
+            page.locator("input[type=text]").first.fill("ann")
+            page.locator("input[type=password]").fill(password)
+            page.locator("input[type=password]").press("Enter")
+            if password == "wrong":
+                page.wait_for_selector("text=Incorrect", timeout=10000)
+                assert page.locator("#gw-estimate").count() == 0
+        page.wait_for_selector("#gw-estimate", timeout=30000)
+        assert "s3cret-pw" not in page.content()
+    assert "s3cret-pw" not in (tmp_path / "webui.log").read_text()

@@ -1,0 +1,99 @@
+"""The tabs' pure parts without a browser: the memory gate, the command, progress text, the page build."""
+
+from __future__ import annotations
+
+import pytest
+
+from gptoss_webui.presets import load_preset
+from gptoss_webui.ui import runview
+from gptoss_webui.ui.i18n import table
+
+gr = pytest.importorskip("gradio")
+
+from gptoss_webui.ui import train_tab  # noqa: E402  (needs gradio)
+
+
+def test_the_gate_refuses_what_does_not_fit_and_says_why(tmp_path):
+    recipe = load_preset("gpt-oss-20b-2x24gb", ["train.deepspeed.stage=2", "train.deepspeed.offload_params=false"])
+    head, report, ok, reason, fix = train_tab.estimate_view(recipe, force=False, lang="en")
+    assert not ok and "Does not fit" in head and "23.5 GiB" in head
+    assert "Start is disabled" in reason and "Suggested fix" in head
+    assert "train.deepspeed.stage=3" in fix and "GPU memory" in report
+    _, _, ok, reason, _ = train_tab.estimate_view(recipe, force=True, lang="zh")
+    assert ok and reason == table("zh")["train.forced"]
+    _, _, ok, _, fix = train_tab.estimate_view(load_preset("gpt-oss-20b-2x24gb"), force=False, lang="en")
+    assert ok and fix == []
+
+
+def test_show_command_is_the_yaml_start_writes_and_the_cli_line(tmp_path):
+    recipe = load_preset("tiny-cpu-demo", ["train.run_name=r1", "train.optim.max_steps=6"])
+    yaml_text, line = train_tab.command_view(recipe, str(tmp_path))
+    assert "max_steps: 6" in yaml_text
+    assert line.startswith("python -m gptoss_webui train --config") and f"{tmp_path}/r1/config.yaml" in line
+
+
+def test_progress_texts_in_both_languages():
+    v = runview.RunView("r", "running", step=3, total=6, loss=1.5, lr=1e-3, tokens_per_s=1234.0,
+                        peak_mem_gib=2.0, elapsed_s=30, eta_s=30, eval_losses=[(3, 1.7)])
+    assert 'style="width:50%"' in train_tab.progress_html(v, "en") and "Step 3 / 6" in train_tab.progress_html(v, "en")
+    assert "第 3 / 6 步" in train_tab.progress_html(v, "zh") and "预计剩余 0:30" in train_tab.progress_html(v, "zh")
+    assert "1,234 tokens/s" in train_tab.metrics_md(v, "en") and "eval loss **1.7000**" in train_tab.metrics_md(v, "en")
+    failed = runview.RunView("r", "failed", error="boom")
+    assert "失败" in train_tab.state_md(failed, "zh") and "boom" in train_tab.state_md(failed, "zh")
+
+
+def test_the_page_builds_and_every_label_switches_language(tmp_path):
+    from gptoss_webui.ui.i18n import Localizer
+    from gptoss_webui.ui.page import build_page
+
+    demo = build_page(str(tmp_path), "zh")
+    assert all(fn.api_visibility == "private" for fn in demo.fns.values())
+    L = Localizer("en")
+    with gr.Blocks():
+        train_tab.build(L, gr.Radio(["en", "zh"], value="en"), str(tmp_path))
+    updates = L.updates("zh")
+    assert len(updates) == len(L.components) > 40
+    assert all(all(isinstance(v, str) and v for k, v in u.items() if k != "__type__") for u in updates)
+
+
+def test_chat_reasoning_is_a_collapsed_block_apart_from_the_answer():
+    from gptoss_webui.ui.chat_tab import render
+
+    turns = [{"role": "user", "content": "hi"},
+             {"role": "assistant", "content": "Ahoy!", "reasoning": "Greet like a pirate."}]
+    shown = render(turns, "zh")
+    assert shown[1] == {"role": "assistant", "content": "Greet like a pirate.",
+                        "metadata": {"title": "推理过程", "status": "done"}}
+    assert shown[2] == {"role": "assistant", "content": "Ahoy!"}
+    pending = render([turns[0], {"role": "assistant", "content": ""}], "en", pending=True)
+    assert pending[-1]["content"] == "…"
+    assert "no final answer" in render([turns[0], {"role": "assistant", "content": ""}], "en")[-1]["content"]
+
+
+def test_a_restarted_ui_reattaches_to_a_running_engine(tmp_path):
+    """The engine outlives the UI; a new UI process reads <runs>/engine.json and shows it running."""
+    import json
+    import subprocess
+    import sys
+
+    import psutil
+
+    from gptoss_webui.ui import engine_ctl, serve_tab
+
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (tmp_path / "engine.json").write_text(json.dumps({
+            "state": "running", "model": "/m", "model_spec": "demo:tiny-gpt-oss", "served_name": "my-run",
+            "port": 8123, "pid": sleeper.pid, "create_time": psutil.Process(sleeper.pid).create_time(),
+            "merged_from": {"my-run": "/runs/my-run/adapter"}, "lora_note": "adapter merged into the weights"}))
+        engine_ctl._controls.clear()  # as in a fresh UI process
+        snap = engine_ctl.control_for(tmp_path).snapshot()
+        assert snap.state == "running" and snap.info.base_url == "http://127.0.0.1:8123/v1"
+        assert "my-run" in serve_tab.engine_md(snap, "en") and "my-run" in serve_tab.adapters_md(snap, "en")
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    # Gone while nobody watched: reported as failed, with the reason, in the page's language.
+    engine_ctl._controls.clear()
+    snap = engine_ctl.control_for(tmp_path).snapshot()
+    assert snap.state == "crashed" and "引擎出错" in serve_tab.engine_md(snap, "zh")
