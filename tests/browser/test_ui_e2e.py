@@ -1,7 +1,8 @@
-"""The whole path through the real page: preset -> train (short) -> progress and loss curve -> serve the
-result (merged on the CPU, auto mode) -> streamed chat -> Chinese labels. Screenshots go to test-artifacts/.
+"""The whole path through the real page: the demo preset -> train -> progress and loss curve -> serve the
+result (merged on the CPU, auto mode) -> a streamed chat answer in the trained voice -> Chinese labels.
+Screenshots go to test-artifacts/ (the README's come from here).
 
-About 4-6 minutes on 2 CPU cores: a real deepspeed run (6 steps) and a real vLLM engine.
+About 5-7 minutes on 2 CPU cores: a real deepspeed run (the preset's 40 steps) and a real vLLM engine.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ pytestmark = [pytest.mark.slow,
                                  "(apt-get install chromium); Playwright's own browser download is not used")]
 
 RUN = "ui-e2e"
+STEPS = 40  # the tiny-cpu-demo preset's max_steps: enough for the adapter to answer in the data's voice
 BOT = "#gw-chatbot .message.bot"  # the assistant's bubbles (the reasoning block is one too)
 
 
@@ -64,14 +66,13 @@ def test_train_serve_chat_in_the_browser(tmp_path):
             # --- Train: the preset, a short run through the form --------------------------------------
             page.get_by_label("Preset").click()
             page.get_by_role("option", name="tiny-cpu-demo").click()
-            _box(page, "gw-train-max_steps").fill("6")
-            _box(page, "gw-train-save_steps").fill("3")
+            assert _box(page, "gw-train-max_steps").input_value() == str(STEPS)
             _box(page, "gw-train-run_name").fill(RUN)
             _box(page, "gw-train-run_name").press("Tab")
             page.get_by_role("button", name="Show command").click()
             page.wait_for_function("() => document.querySelector('#gw-start') && "
                                    "!document.querySelector('#gw-start').disabled")
-            wait_text(page, "body", "max_steps: 6", 30)
+            wait_text(page, "body", f"max_steps: {STEPS}", 30)
             assert "python -m gptoss_webui train --config" in wait_text(page, "#gw-cmd-line", "--config", 10)
             page.get_by_role("button", name="Preview an example").click()
             wait_text(page, "body", "tokens the loss is computed on", 120)
@@ -79,10 +80,10 @@ def test_train_serve_chat_in_the_browser(tmp_path):
 
             page.locator("#gw-start").click()
             wait_text(page, "#gw-run-state", RUN, 180)
-            wait_text(page, "#gw-progress", "/ 6", 300)  # the first step event (after the JIT compile)
-            wait_text(page, "#gw-run-state", "finished", 400)
-            wait_text(page, "#gw-progress", "Step 6 / 6", 30)
-            until(lambda: plotted_points(page, "#gw-loss-plot") >= 4, 30)
+            wait_text(page, "#gw-progress", f"/ {STEPS}", 300)  # the first step event (after the JIT compile)
+            wait_text(page, "#gw-run-state", "finished", 600)
+            wait_text(page, "#gw-progress", f"Step {STEPS} / {STEPS}", 30)
+            until(lambda: plotted_points(page, "#gw-loss-plot") >= 10, 30)
             assert "tokens/s" in page.locator("#gw-metrics").inner_text()
             assert "deepspeed" in _box(page, "gw-log").input_value().lower()
             shot(page, "e2e-2-trained")
@@ -114,7 +115,7 @@ def test_train_serve_chat_in_the_browser(tmp_path):
                 const opts = {subtree: true, childList: true, characterData: true};
                 new MutationObserver(record).observe(root, opts);
             }""", BOT)
-            _box(page, "gw-chat-input").fill("Ahoy! Who are you?")
+            _box(page, "gw-chat-input").fill("What is the capital of France?")
             page.locator("#gw-chat-send").click()
             until(lambda: page.locator(BOT).count() >= 1, 120, "an assistant message")
             page.wait_for_function("(sel) => { const t = [...document.querySelectorAll(sel)]"
@@ -122,7 +123,8 @@ def test_train_serve_chat_in_the_browser(tmp_path):
                                    arg=BOT, timeout=120000)
             answer = " ".join(page.locator(BOT).all_inner_texts()).strip()
             states = [x for x in page.evaluate("() => [...window.gwSeen]") if x and x != "…"]
-            assert answer and len(states) >= 2, (answer, states)  # non-empty, and it grew while streaming
+            assert len(states) >= 2, (answer, states)  # it grew while streaming
+            assert answer.startswith("Ahoy, matey!"), answer  # the voice the demo data trains
             shot(page, "e2e-4-chat")
 
             # --- Language: every label follows ----------------------------------------------------------

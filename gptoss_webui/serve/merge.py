@@ -1,0 +1,280 @@
+"""Merge a LoRA adapter into its base model (peft merge_and_unload) and prove the result is the same model.
+
+The merge runs in its own process (`python -m gptoss_webui.serve.merge`): it holds a full copy of the
+weights, and the UI process must not grow by that much nor die with it. The check compares logits of
+HF+peft (before the merge) with the merged folder reloaded from disk, so a merge that silently drops
+expert LoRA tensors (peft `target_parameters`) or saves the wrong keys is caught before vLLM serves it.
+
+    python -m gptoss_webui.serve.merge --base BASE --adapter ADAPTER --out OUT [--report FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from gptoss_webui.runs import atomic_write_text
+
+PROVENANCE_FILE = "merged_from.json"
+# A fixed probe sequence (plain o200k ids, far below the specials) so the check needs no tokenizer.
+PROBE_IDS = [13225, 2375, 11, 495, 382, 261, 1746, 328, 290, 3490, 13, 2632]
+# Allowed max |logit difference|, relative to max(1, max |logit|): fp32 merges are exact up to rounding
+# order; bf16 merges round the merged weights once more, so they get a looser bound.
+TOLERANCE = {"float32": 1e-4, "bfloat16": 5e-2, "float16": 2e-2}
+
+
+class MergeError(Exception):
+    """A merge that could not be done or did not reproduce the adapter; the message says why."""
+
+
+@dataclass
+class MergeResult:
+    out_dir: str
+    base: str
+    adapter: str
+    dtype: str
+    max_abs_diff: float
+    max_abs_logit: float
+    adapter_effect: float  # max |logit change| the adapter makes on the probe: 0 means it does nothing
+    tolerance: float
+    ok: bool
+    seconds: float
+    reused: bool = False
+
+    def summary(self) -> str:
+        if self.reused:
+            return f"reused the merged model in {self.out_dir} (same base and adapter as before)"
+        verdict = "reproduces" if self.ok else "does NOT reproduce"
+        text = (f"merged model {verdict} the adapter's logits: max |diff| {self.max_abs_diff:.2e} "
+                f"(logits up to {self.max_abs_logit:.1f}, tolerance {self.tolerance:.0e} relative, "
+                f"{self.dtype}; the adapter itself moves them by up to {self.adapter_effect:.2e}); "
+                f"{self.seconds:.0f} s")
+        if self.adapter_effect == 0.0:
+            text += ". WARNING: the adapter does not change the model at all (untrained, or nothing merged)"
+        return text
+
+
+# --- in the merge process -----------------------------------------------------------------------
+
+def _load_base(base: str, dtype_name: str):
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    dtype = getattr(torch, dtype_name)
+    config = AutoConfig.from_pretrained(base)
+    kwargs = {}
+    quant = getattr(config, "quantization_config", None) or {}
+    method = quant.get("quant_method") if isinstance(quant, dict) else getattr(quant, "quant_method", None)
+    if method == "mxfp4":
+        # MXFP4 experts cannot take a LoRA delta: dequantize to bf16 (the merged copy is then bf16, ~2x size).
+        from transformers import Mxfp4Config
+
+        kwargs["quantization_config"] = Mxfp4Config(dequantize=True)
+    return AutoModelForCausalLM.from_pretrained(base, dtype=dtype, **kwargs)
+
+
+def _probe_logits(model):
+    import torch
+
+    with torch.no_grad():
+        ids = torch.tensor([PROBE_IDS], device=model.device)
+        return model(input_ids=ids).logits.float().cpu()
+
+
+def _pick_dtype(base: str) -> str:
+    """Merge in the base's own dtype (bf16 for real checkpoints), fp32 for fp32 checkpoints."""
+    try:
+        cfg = json.loads((Path(base) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return "bfloat16"
+    name = str(cfg.get("dtype") or cfg.get("torch_dtype") or "bfloat16")
+    return name if name in TOLERANCE else "bfloat16"
+
+
+def merge_adapter(base: str, adapter: str | Path, out_dir: str | Path,
+                  dtype: str | None = None) -> MergeResult:
+    """Merge in this process: load base+adapter, record probe logits, merge, save, reload, compare."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    started = time.time()
+    adapter, out_dir = Path(adapter), Path(out_dir)
+    dtype = dtype or _pick_dtype(base)
+    model = PeftModel.from_pretrained(_load_base(base, dtype), str(adapter))
+    model.eval()
+    expected = _probe_logits(model)
+    with model.disable_adapter():
+        effect = float((_probe_logits(model) - expected).abs().max())
+    merged = model.merge_and_unload()
+    tmp = out_dir.with_name(f".{out_dir.name}.merging")
+    shutil.rmtree(tmp, ignore_errors=True)
+    merged.save_pretrained(tmp, safe_serialization=True)
+    del merged, model
+    # The adapter folder carries the tokenizer (and chat template) the run trained with; else the base's.
+    tok_src = adapter if (adapter / "tokenizer_config.json").is_file() else Path(base)
+    AutoTokenizer.from_pretrained(str(tok_src)).save_pretrained(tmp)
+
+    reloaded = AutoModelForCausalLM.from_pretrained(str(tmp), dtype=getattr(torch, dtype))
+    got = _probe_logits(reloaded)
+    del reloaded
+    diff = float((got - expected).abs().max())
+    scale = float(expected.abs().max())
+    tol = TOLERANCE[dtype]
+    result = MergeResult(out_dir=str(out_dir), base=base, adapter=str(adapter), dtype=dtype,
+                         max_abs_diff=diff, max_abs_logit=scale, adapter_effect=effect, tolerance=tol,
+                         ok=diff <= tol * max(1.0, scale),
+                         seconds=time.time() - started)
+    provenance = {**asdict(result), "adapter_digest": adapter_digest(adapter)}
+    atomic_write_text(tmp / PROVENANCE_FILE, json.dumps(provenance, indent=1))
+    if not result.ok:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise MergeError(result.summary() + ". The merged folder was not kept: the adapter probably "
+                         "targets modules or parameters this peft version cannot merge.")
+    shutil.rmtree(out_dir, ignore_errors=True)
+    tmp.rename(out_dir)
+    return result
+
+
+def adapter_digest(adapter: Path) -> str:
+    """Identifies an adapter's contents, so an unchanged adapter is not merged twice."""
+    h = hashlib.sha256()
+    for name in ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"):
+        p = adapter / name
+        if p.is_file():
+            h.update(name.encode())
+            h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+# --- from the UI / CLI process --------------------------------------------------------------------
+
+def previous_merge(base: str, adapter: Path, out_dir: Path) -> MergeResult | None:
+    """The recorded merge in out_dir when it was made from this base and this exact adapter."""
+    try:
+        info = json.loads((out_dir / PROVENANCE_FILE).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+    if (info.get("base") != base or info.get("adapter_digest") != adapter_digest(adapter)
+            or not (out_dir / "config.json").is_file()):
+        return None
+    info.pop("adapter_digest", None)
+    info.pop("reused", None)
+    try:
+        return MergeResult(**info, reused=True)
+    except TypeError:
+        return None
+
+
+def merge_in_subprocess(base: str, adapter: str | Path, out_dir: str | Path, *, log_path: Path | None = None,
+                        force: bool = False, timeout_s: float | None = None) -> MergeResult:
+    """Run the merge in a child process (log to a file) and return its verified result.
+
+    Reuses out_dir when it already holds a verified merge of the same base and adapter (unless force).
+    """
+    from gptoss_webui.demo import resolve_model
+
+    adapter, out_dir = Path(adapter).resolve(), Path(out_dir).resolve()
+    base = resolve_model(base)
+    if not (adapter / "adapter_config.json").is_file():
+        raise MergeError(f"{adapter} is not a LoRA adapter folder (no adapter_config.json)")
+    if not force and (done := previous_merge(base, adapter, out_dir)):
+        return done
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    if log_path is None:  # a run's merge logs into the run folder, like its training
+        in_run = out_dir.name == "merged" and (out_dir.parent / "config.yaml").is_file()
+        log_path = out_dir.parent / "merge.log" if in_run else out_dir.with_name(f"{out_dir.name}.merge.log")
+    report = out_dir.with_name(f".{out_dir.name}.report.json")
+    report.unlink(missing_ok=True)
+    cmd = [sys.executable, "-m", "gptoss_webui.serve.merge", "--base", base, "--adapter", str(adapter),
+           "--out", str(out_dir), "--report", str(report)]
+    with open(log_path, "w", encoding="utf-8") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                env=_merge_env())
+        try:
+            rc = proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            _kill_group(proc)
+            raise MergeError(f"merge did not finish in {timeout_s} s; log: {log_path}") from None
+        except BaseException:  # Ctrl-C: the merge must not run on in the background
+            _kill_group(proc)
+            raise
+    try:
+        data = json.loads(report.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        data = {"error": f"merge process exited with code {rc} without a report"}
+    finally:
+        report.unlink(missing_ok=True)
+    if "error" in data:
+        raise MergeError(f"{data['error']} (log: {log_path})")
+    return MergeResult(**data)
+
+
+def merge_run(run_dir: str | Path, force: bool = False) -> Path:
+    """Merge a finished run's adapter into the base named in its config.yaml; returns run/merged."""
+    from gptoss_webui.config import Recipe
+    from gptoss_webui.runs import Run
+
+    run = Run(Path(run_dir))
+    if not run.config_path.is_file():
+        raise MergeError(f"{run.path} is not a run folder (no config.yaml)")
+    if not (run.adapter_dir / "adapter_config.json").is_file():
+        raise MergeError(f"run {run.name} has no finished adapter in {run.adapter_dir}: train it first")
+    recipe = Recipe.from_yaml(run.config_path)
+    result = merge_in_subprocess(recipe.train.model, run.adapter_dir, run.merged_dir,
+                                 log_path=run.path / "merge.log", force=force)
+    print(result.summary())
+    return run.merged_dir
+
+
+def _merge_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")  # no fork warnings in the log
+    env.setdefault("PYTHONUNBUFFERED", "1")  # the log shows progress as it happens
+    return env
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    import signal
+
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m gptoss_webui.serve.merge", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--base", required=True)
+    p.add_argument("--adapter", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--dtype", choices=sorted(TOLERANCE))
+    p.add_argument("--report", help="write the result (or the error) as JSON here")
+    args = p.parse_args(argv)
+    try:
+        result = merge_adapter(args.base, args.adapter, args.out, args.dtype)
+        data, rc = asdict(result), 0
+        print(result.summary(), flush=True)
+    except MergeError as exc:
+        data, rc = {"error": str(exc)}, 1
+    except Exception as exc:  # anything from transformers/peft: report it as one line, log the traceback
+        import traceback
+
+        traceback.print_exc()
+        data, rc = {"error": f"merge failed: {type(exc).__name__}: {exc}"}, 1
+    if args.report:
+        atomic_write_text(Path(args.report), json.dumps(data, indent=1))
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())
