@@ -114,3 +114,14 @@ def test_missing_and_unsupported_files(tmp_path, tokenizer):
     odd.write_text("x", encoding="utf-8")
     with pytest.raises(DataError, match="unsupported file type '.txt'"):
         prepare(DataConfig(path=str(odd)), tokenizer)
+
+
+def test_collator_pads_to_a_multiple_for_flex_attention():
+    from gptoss_webui.train.worker import PadCollator
+
+    batch = [{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [8], "labels": [8]}]
+    out = PadCollator(pad_id=0, multiple=128)(batch)
+    assert out["input_ids"].shape == (2, 128)
+    assert out["attention_mask"].sum().item() == 4
+    assert (out["labels"][:, 3:] == IGNORE_INDEX).all() and out["labels"][0, :3].tolist() == [-100, 6, 7]
+    assert PadCollator(pad_id=0)(batch)["input_ids"].shape == (2, 3)

@@ -44,13 +44,19 @@ class ExampleDataset(torch.utils.data.Dataset):
 
 
 class PadCollator:
-    """Right-pad a batch: pad id for inputs, IGNORE_INDEX for labels, 0 in the attention mask."""
+    """Right-pad a batch: pad id for inputs, IGNORE_INDEX for labels, 0 in the attention mask.
 
-    def __init__(self, pad_id: int) -> None:
+    With flex_attention the width is rounded up to a multiple of 128: below 128 query tokens torch
+    2.11's inductor picks its flex *decoding* kernel, which fails to build for training (seen on H100).
+    """
+
+    def __init__(self, pad_id: int, multiple: int = 1) -> None:
         self.pad_id = pad_id
+        self.multiple = multiple
 
     def __call__(self, batch: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
         width = max(len(b["input_ids"]) for b in batch)
+        width = -(-width // self.multiple) * self.multiple
         ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
         labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
         mask = torch.zeros((len(batch), width), dtype=torch.long)
@@ -132,6 +138,8 @@ class ProgressCallback(TrainerCallback):
             self._emit("eval", step=state.global_step, eval_loss=logs["eval_loss"])
 
     def on_save(self, args, state, control, **kwargs):
+        # Saving is not training: keep its time out of the next step's tokens/s.
+        self.t_last = time.time()
         path = self.run.checkpoints_dir / f"checkpoint-{state.global_step}"
         self._emit("checkpoint", step=state.global_step, path=str(path))
 
@@ -209,7 +217,8 @@ class LoraFinetune:
             args=args,
             train_dataset=ExampleDataset(self.data.train),
             eval_dataset=ExampleDataset(self.data.validation) if self.data.validation else None,
-            data_collator=PadCollator(self.tokenizer.pad_token_id),
+            data_collator=PadCollator(self.tokenizer.pad_token_id,
+                                      multiple=128 if self.attention == "flex_attention" else 1),
             callbacks=[ProgressCallback(self.events, self.stop, self.run, self._start_info(model))],
         )
 
@@ -247,7 +256,7 @@ class LoraFinetune:
             seed=o.seed,
             data_seed=o.seed,
             report_to=[],
-            include_num_input_tokens_seen=True,
+            include_num_input_tokens_seen="non_padding",  # real tokens, not the padding
             remove_unused_columns=False,
             dataloader_num_workers=0,
             disable_tqdm=True,

@@ -1,0 +1,68 @@
+"""Models a GPU host needs but cannot download (it has no network), built from the carried tokenizer.
+
+    python -m bench.gpu.make_models tiny --tokenizer .gpu_carry/tokenizer     # demo:tiny-gpt-oss for the tests
+    python -m bench.gpu.make_models 20b --tokenizer .gpu_carry/tokenizer --out /tmp/gpt-oss-20b-random
+
+`tiny` writes $GPTOSS_WORKSPACE/models/tiny-gpt-oss the way gptoss_webui.demo does (same config, seed and
+sinks), except that the tokenizer is copied instead of rebuilt: rebuilding needs the o200k ranks and
+openai-harmony, which the GPU image lacks. Its BUILD.json makes ensure_demo_model accept the folder.
+`20b` saves gpt-oss-20b's architecture with random bf16 weights (38.96 GiB of safetensors) for the
+end-to-end training run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from bench.model import BOS_ID, EOS_ID, PAD_ID, TOKENIZER_FILES, save_random_checkpoint
+
+
+def make_tiny(tokenizer_dir: Path) -> Path:
+    from transformers import AutoModelForCausalLM
+
+    from gptoss_webui.demo import BUILD_VERSION, DEMO_MODELS, _manifest, _model_config
+    from gptoss_webui.paths import workspace_dir
+
+    folder = workspace_dir() / "models" / "tiny-gpt-oss"
+    folder.mkdir(parents=True, exist_ok=True)
+    specials = {"<|startoftext|>": BOS_ID, "<|return|>": EOS_ID, "<|endoftext|>": PAD_ID}
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(_model_config(DEMO_MODELS["tiny-gpt-oss"], specials),
+                                             dtype=torch.float32)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(".sinks"):
+                param.normal_(0.0, 1.0)  # as demo.build_model: sinks large enough to matter
+    model.save_pretrained(folder, safe_serialization=True)
+    for name in TOKENIZER_FILES:
+        shutil.copy(tokenizer_dir / name, folder / name)
+    (folder / "BUILD.json").write_text(json.dumps({"version": BUILD_VERSION, "files": _manifest(folder)}, indent=1))
+    return folder
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("what", choices=["tiny", "20b"])
+    parser.add_argument("--tokenizer", type=Path, required=True, help="folder with " + ", ".join(TOKENIZER_FILES))
+    parser.add_argument("--out", type=Path, help="20b: checkpoint folder")
+    args = parser.parse_args(argv)
+    t0 = time.perf_counter()
+    if args.what == "tiny":
+        path = make_tiny(args.tokenizer)
+    else:
+        if args.out is None:
+            parser.error("20b needs --out")
+        path = save_random_checkpoint(args.out, args.tokenizer)
+    size = sum(p.stat().st_size for p in Path(path).iterdir()) / 2**30
+    print(f"{args.what}: {path} ({size:.2f} GiB) in {time.perf_counter() - t0:.0f} s", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,13 @@
+# Source on the GPU host, from the repo root: installs the carried wheels and sets the environment.
+#   source bench/gpu/setup.sh
+CARRY=${CARRY:-.gpu_carry}
+# DS_BUILD_OPS=0: no op is compiled at install; FusedAdam's JIT build needs 9.0, not the image's 9.0a.
+export DS_BUILD_OPS=0 TORCH_CUDA_ARCH_LIST=9.0 PYTHONUNBUFFERED=1 PIP_BREAK_SYSTEM_PACKAGES=1
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # `import gptoss_webui` and `import bench` from the tree
+export GPTOSS_WORKSPACE=${GPTOSS_WORKSPACE:-/tmp/gptoss-ws}
+python3 -m pip install -q --no-index --no-build-isolation --no-cache-dir --find-links "$CARRY/wheels" \
+  deepspeed==0.19.8 pydantic==2.14.4 hjson
+# The launcher runs the `deepspeed` script that sits beside sys.executable; pip may have put it elsewhere.
+PYBIN=$(python3 -c 'import os, sys; print(os.path.dirname(sys.executable))')
+[ -x "$PYBIN/deepspeed" ] || ln -sf "$(command -v deepspeed)" "$PYBIN/deepspeed"

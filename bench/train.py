@@ -1,0 +1,297 @@
+"""Time LoRA training steps on gpt-oss-20b's architecture (random bf16 weights): our setup against plain HF+peft.
+
+    python -m bench.train --grid core --out DIR     # GPU host (bench/gpu/run.sh): the rows that matter most
+    python -m bench.train --grid full --out DIR     # GPU host: seq 1024/4096/8192, checkpointing, eager/flex
+    python -m bench.train --grid smoke --out DIR    # CPU: tiny shapes, checks the code path only
+(full = core + rest; short and extra are the rows bench/README.md reports besides; a 10-minute device call
+fits core or rest, not full.)
+
+"ours" is the training worker's model setup: a TrainConfig from a preset plus overrides, the attention that
+choose_attention picks, then worker.prepare_model (gradient checkpointing + LoRA exactly as in training).
+"hf" is the plain transformers + peft baseline of ../shared/GPU-STACK.md (LoRA r=16 on q,k,v,o). Both run in
+this one process on one card, so every figure can be read as a ratio. Each row holds the peak
+torch.cuda.max_memory_allocated, the median step time (AdamW on the LoRA parameters, micro batch 1), tokens/s
+and the estimator's predicted peak (train/memory.py, peak_allocated_gib) with its error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import gc
+import json
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bench.model import build_random_model, gpt_oss_20b_config
+from gptoss_webui.config import TrainConfig
+from gptoss_webui.presets import load_recipe
+from gptoss_webui.train.attention import choose_attention
+from gptoss_webui.train.memory import BUILTIN_ARCHITECTURES, Architecture, estimate
+from gptoss_webui.train.worker import prepare_model
+
+GIB = 2**30
+PRESET = "gpt-oss-20b-1xh100"
+BASELINE_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
+@dataclass(frozen=True)
+class Case:
+    setup: str  # "ours" (worker.prepare_model) or "hf" (plain transformers + peft)
+    seq: int
+    checkpointing: bool
+    attention: str  # as requested: auto (ours only), eager or flex_attention
+    lora: str  # "preset" (r=8, attention + experts of layers 7/15/23) or "qkvo16" (r=16 on q,k,v,o)
+    pad_to: int = 0  # 0: no attention_mask; N: an attention_mask, input right-padded to a multiple of N (as a collator)
+
+    @property
+    def length(self) -> int:
+        """Tokens the model sees (padding included)."""
+        return -(-self.seq // self.pad_to) * self.pad_to if self.pad_to else self.seq
+
+    @property
+    def name(self) -> str:
+        pad = f" mask, padded to {self.length}" if self.pad_to else ""
+        return (f"{self.setup} {self.lora} {self.attention} ckpt={'on' if self.checkpointing else 'off'} "
+                f"seq={self.seq}{pad}")
+
+
+def _c(setup: str, seq: int, ckpt: bool, attention: str, lora: str, pad_to: int = 0) -> Case:
+    return Case(setup, seq, ckpt, attention, lora, pad_to)
+
+
+# Priority order: the core rows first; rows expected to run out of memory on 80 GB last.
+CORE = [_c("ours", 4096, True, "auto", "preset"), _c("hf", 4096, True, "flex_attention", "qkvo16"),
+        _c("hf", 4096, True, "eager", "qkvo16")]
+REST = [
+    _c("hf", 4096, True, "flex_attention", "qkvo16"),  # the anchor again, when REST runs on another machine
+    _c("ours", 4096, True, "auto", "qkvo16"),  # the baseline's LoRA through our setup: isolates the setup
+    _c("ours", 8192, True, "auto", "preset"), _c("hf", 8192, True, "flex_attention", "qkvo16"),
+    _c("ours", 1024, True, "auto", "preset"), _c("ours", 1024, False, "auto", "preset"),
+    _c("ours", 4096, True, "eager", "preset"), _c("hf", 1024, True, "eager", "qkvo16"),
+    _c("hf", 1024, False, "eager", "qkvo16"), _c("ours", 4096, False, "auto", "preset"),
+    _c("ours", 8192, True, "eager", "preset"),
+]
+# The e2e run's first batch: one 88-token example with its attention mask (worker.PadCollator, batch 1). Under 128
+# query tokens torch's inductor picks its flex *decoding* kernel, which failed in training; padding the batch to a
+# multiple of 128 (mask 0, labels -100 on the padding) is the proposed fix. Run each in a fresh process: the first
+# call's shape decides what inductor compiles.
+SHORT = [_c("ours", 88, True, "auto", "preset", pad_to=1), _c("ours", 88, True, "auto", "preset", pad_to=128)]
+GRIDS: dict[str, list[Case]] = {
+    "core": CORE,
+    "rest": REST,
+    "full": CORE + REST[1:],
+    "short": SHORT,
+    # Rows a 10-minute call could not reach after REST; the HF row anchors x best HF at 4096 without checkpointing.
+    "extra": [_c("hf", 4096, False, "flex_attention", "qkvo16"), _c("ours", 4096, False, "auto", "preset"),
+              _c("ours", 8192, True, "eager", "preset")],
+    # CPU smoke: tiny shapes (see SMOKE_SHAPE), eager only; checks that every code path runs.
+    "smoke": [_c("ours", 64, True, "auto", "preset"), _c("hf", 64, False, "eager", "qkvo16"),
+              _c("ours", 40, True, "auto", "preset", pad_to=64)],
+}
+SMOKE_SHAPE = dict(layers=2, experts=4, hidden=64, heads=4, kv_heads=2, head_dim=32)
+SMOKE_OVERRIDES = ["train.lora.expert_layers=[1]"]  # the preset's layers 7/15/23 do not exist in 2 layers
+
+
+def train_config(case: Case, preset: str, extra: list[str]) -> TrainConfig:
+    """The TrainConfig our pipeline would run for this case (DeepSpeed off: the bench runs no DeepSpeed)."""
+    ckpt = str(case.checkpointing).lower()
+    overrides = [f"train.data.max_length={case.length}", f"train.gradient_checkpointing={ckpt}",
+                 f"train.attention={case.attention}", "train.deepspeed.enabled=false",
+                 "train.optim.micro_batch_size=1"]
+    if case.lora == "qkvo16":
+        overrides += ["train.lora.r=16", "train.lora.alpha=32", "train.lora.expert_parameters=[]"]
+    return load_recipe(preset, overrides + extra).train
+
+
+def build(case: Case, cfg: TrainConfig, config: Any, device: str) -> tuple[Any, str]:
+    on_gpu = device == "cuda"
+    if case.setup == "ours":
+        attention = choose_attention(cfg.attention, "gpt_oss", on_gpu)
+        return prepare_model(build_random_model(config, attention, device), cfg), attention
+    from peft import LoraConfig, get_peft_model
+
+    model = build_random_model(config, case.attention, device)
+    if case.checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    peft_cfg = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=BASELINE_TARGETS,
+                          task_type="CAUSAL_LM")
+    return get_peft_model(model, peft_cfg), case.attention
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def measure(case: Case, cfg: TrainConfig, config: Any, device: str, warmup: int, steps: int) -> dict[str, Any]:
+    """Build, then time warmup + steps training steps. Everything it allocates dies with its frame."""
+    t0 = time.perf_counter()
+    model, attention = build(case, cfg, config, device)
+    model.train()  # checkpointing and flex's training kernels act only in train mode
+    trainable, total = model.get_nb_trainable_parameters()
+    row: dict[str, Any] = {"build_s": round(time.perf_counter() - t0, 1), "attention_impl": attention,
+                           "experts_impl": getattr(model.config, "_experts_implementation", None),
+                           "trainable_params": trainable, "total_params": total}
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    gen = torch.Generator(device=device).manual_seed(0)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()  # the peak from here on includes the weights (still allocated)
+    times, losses = [], []
+    for _ in range(warmup + steps):
+        ids = torch.randint(0, 199_998, (1, case.length), device=device, generator=gen)  # fresh routing each step
+        batch: dict[str, torch.Tensor] = {"input_ids": ids, "labels": ids.clone()}
+        if case.pad_to:
+            batch["attention_mask"] = torch.ones_like(ids)
+            batch["attention_mask"][:, case.seq:] = 0
+            batch["labels"][:, case.seq:] = -100
+        _sync(device)
+        t = time.perf_counter()
+        loss = model(**batch).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        _sync(device)
+        times.append(time.perf_counter() - t)
+        losses.append(loss.item())
+    step_s = statistics.median(times[warmup:])
+    row.update(first_step_s=round(times[0], 3), step_s=round(step_s, 4), tokens_per_s=round(case.seq / step_s, 1),
+               loss_first=round(losses[0], 4), loss_last=round(losses[-1], 4), steps_timed=steps)
+    return row
+
+
+def run_case(case: Case, cfg: TrainConfig, config: Any, device: str, warmup: int, steps: int) -> dict[str, Any]:
+    row: dict[str, Any] = {"status": "ok"}
+    try:
+        row.update(measure(case, cfg, config, device, warmup, steps))
+    except torch.OutOfMemoryError:
+        row["status"] = "OOM"
+    except Exception as exc:  # one failed row must not lose the others
+        first = str(exc).splitlines()[0][:200] if str(exc) else ""
+        row["status"] = f"error: {type(exc).__name__}: {first}"
+    gc.collect()
+    if device == "cuda":
+        row["peak_gib"] = round(torch.cuda.max_memory_allocated() / GIB, 2)  # at the failure, for an OOM row
+        row["reserved_gib"] = round(torch.cuda.max_memory_reserved() / GIB, 2)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    return row
+
+
+def predicted(cfg: TrainConfig, arch: Architecture, gpu_gib: float | None, on_gpu: bool) -> dict[str, Any]:
+    est = estimate(cfg, arch, gpu_gib, 1, on_gpu=on_gpu, search_fix=False)
+    return {"est_peak_gib": round(est.peak_allocated_gib, 2), "est_total_gib": round(est.total_gib, 2),
+            "est_peak_at": est.peak_at, "est_fits": est.fits, "est_trainable": est.trainable_params}
+
+
+def error_pct(pred: float | None, measured: float | None) -> float | None:
+    """Signed error of the prediction against the measurement, in % of the measurement."""
+    if pred is None or not measured:
+        return None
+    return round(100 * (pred - measured) / measured, 1)
+
+
+def add_ratios(rows: list[dict[str, Any]]) -> None:
+    """tokens/s of each row over the best plain-HF row at the same sequence length (same card, same process)."""
+    for row in rows:
+        base = [r["tokens_per_s"] for r in rows if r["setup"] == "hf" and r["seq"] == row["seq"]
+                and r.get("tokens_per_s")]
+        row["x_best_hf"] = round(row["tokens_per_s"] / max(base), 2) if base and row.get("tokens_per_s") else None
+
+
+def _fmt(v: Any, spec: str = "") -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
+    head = (f"{meta['device']} ({meta['gpu_gib'] and round(meta['gpu_gib'], 1)} GiB), {meta['date']}, torch "
+            f"{meta['torch']}, transformers {meta['transformers']}, peft {meta['peft']}; micro batch 1, AdamW, "
+            f"median of {meta['steps']} steps after {meta['warmup']} warm-up\n\n")
+    cols = ["setup", "LoRA", "attention", "ckpt", "seq", "trainable", "peak GiB", "est. GiB", "est. err",
+            "step s", "tokens/s", "x best HF", "status"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        err = r.get("est_err_pct")
+        seq = f"{r['seq']} (pad {r['pad_to']})" if r.get("pad_to", 0) > 1 else str(r["seq"])
+        cells = [r["setup"], r["lora"], r.get("attention_impl") or r["attention"],
+                 "on" if r["checkpointing"] else "off", seq, _fmt(r.get("trainable_params"), ","),
+                 _fmt(r.get("peak_gib"), ".2f"), _fmt(r.get("est_peak_gib"), ".2f"),
+                 "-" if err is None else f"{err:+.1f} %", _fmt(r.get("step_s"), ".3f"),
+                 _fmt(r.get("tokens_per_s"), ",.0f"), _fmt(r.get("x_best_hf"), ".2f"), r["status"]]
+        lines.append("| " + " | ".join(cells) + " |")
+    return head + "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--grid", choices=sorted(GRIDS), default="core")
+    parser.add_argument("--only", type=int, nargs="*", help="indices into the grid to run (default: all)")
+    parser.add_argument("--out", type=Path, default=Path("bench-results"))
+    parser.add_argument("--tag", default="train", help="output names: bench_<tag>.json / .md")
+    parser.add_argument("--append", action="store_true", help="keep the rows already in bench_<tag>.json")
+    parser.add_argument("--preset", default=PRESET)
+    parser.add_argument("--set", dest="overrides", action="append", default=[], help="extra train.* overrides "
+                        "for the 'ours' rows' TrainConfig")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--budget-s", type=float, default=None, help="start no new row after this many seconds")
+    args = parser.parse_args(argv)
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    smoke = args.grid == "smoke"
+    if device == "cpu" and not smoke:
+        parser.error("the real 20b shape needs a GPU; use --grid smoke on the CPU")
+    # Many (shape, mask) combinations: keep dynamo from silently falling back to uncompiled flex attention.
+    for knob in ("recompile_limit", "cache_size_limit"):
+        if hasattr(torch._dynamo.config, knob):
+            setattr(torch._dynamo.config, knob, 64)
+
+    import peft
+    import transformers
+
+    config = gpt_oss_20b_config(**SMOKE_SHAPE) if smoke else gpt_oss_20b_config()
+    arch = Architecture.from_config_json(config.to_dict())
+    gpu_gib = torch.cuda.get_device_properties(0).total_memory / GIB if device == "cuda" else None
+    extra = args.overrides + (SMOKE_OVERRIDES if smoke else [])
+    meta = {"device": torch.cuda.get_device_name(0) if device == "cuda" else "CPU", "gpu_gib": gpu_gib,
+            "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"), "torch": torch.__version__,
+            "transformers": transformers.__version__, "peft": peft.__version__, "grid": args.grid,
+            "preset": args.preset, "overrides": extra, "warmup": args.warmup, "steps": args.steps,
+            "arch_is_builtin_20b": arch == BUILTIN_ARCHITECTURES["openai/gpt-oss-20b"]}
+    cases = GRIDS[args.grid]
+    if args.only is not None:
+        cases = [cases[i] for i in args.only]
+    args.out.mkdir(parents=True, exist_ok=True)
+    json_path = args.out / f"bench_{args.tag}.json"
+    rows: list[dict[str, Any]] = []
+    if args.append and json_path.is_file():  # rows of earlier processes (bench/gpu/run.sh bench:GRID:INDEX)
+        rows = json.loads(json_path.read_text())["rows"]
+    t_start = time.perf_counter()
+    for case in cases:
+        cfg = train_config(case, args.preset, extra if case.setup == "ours" else [])
+        row = {**asdict(case), "name": case.name}
+        row.update(predicted(cfg, arch, gpu_gib, device == "cuda"))
+        if args.budget_s is not None and time.perf_counter() - t_start > args.budget_s:
+            row["status"] = "skipped (time budget)"
+        else:
+            print(f"--- {case.name}", flush=True)
+            row.update(run_case(case, cfg, config, device, args.warmup, args.steps))
+            if row["status"] == "ok":
+                row["est_err_pct"] = error_pct(row["est_peak_gib"], row.get("peak_gib"))
+            print(json.dumps(row), flush=True)
+        rows.append(row)
+        add_ratios(rows)
+        # Written after every row: a run cut short still leaves what it measured.
+        json_path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+        (args.out / f"bench_{args.tag}.md").write_text(markdown(rows, meta))
+    print("\n" + markdown(rows, meta), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
