@@ -116,7 +116,9 @@ def _free_port() -> int:
 def world_size(cfg: TrainConfig) -> int:
     if cfg.num_gpus:
         return cfg.num_gpus
-    return max(1, len(__import__("gptoss_webui.hardware", fromlist=["gpus"]).gpus()))
+    from gptoss_webui.hardware import gpus
+
+    return max(1, len(gpus()))
 
 
 def deepspeed_command(run: Run, cfg: TrainConfig, resume_from: str | None = None) -> list[str]:

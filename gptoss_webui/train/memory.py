@@ -336,12 +336,10 @@ class Estimate:
 
 
 def resolve_attention(requested: str, model_type: str, on_gpu: bool) -> str:
-    """What `auto` becomes (as train/attention.py picks it): flex_attention for gpt-oss on a GPU."""
-    if requested != "auto":
-        return requested
-    if model_type == "gpt_oss":
-        return "flex_attention" if on_gpu else "eager"
-    return "sdpa"
+    """What `auto` becomes; other values are estimated as given (refusals are the launcher's job)."""
+    from gptoss_webui.train.attention import choose_attention
+
+    return requested if requested != "auto" else choose_attention("auto", model_type, on_gpu)
 
 
 def _layer_saved_bytes_per_token(arch: Architecture, p: int) -> float:

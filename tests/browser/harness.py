@@ -13,6 +13,8 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[2]
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -22,6 +24,12 @@ ARTIFACTS = REPO / "test-artifacts"
 
 def have_chromium() -> bool:
     return Path(CHROMIUM).is_file() and shutil.which(CHROMIUM) is not None
+
+
+# Every browser test is slow and needs Debian's chromium (Playwright's own browser download cannot work here).
+BROWSER_MARKS = [pytest.mark.slow,
+                 pytest.mark.skipif(not have_chromium(), reason="/usr/bin/chromium is not installed "
+                                    "(apt-get install chromium); Playwright's own browser download is not used")]
 
 
 def free_port() -> int:

@@ -14,12 +14,10 @@ import signal
 import time
 from pathlib import Path
 
-import pytest
-
 from .harness import (
+    BROWSER_MARKS,
     browser_page,
     free_port,
-    have_chromium,
     plotted_points,
     running_app,
     shot,
@@ -27,9 +25,7 @@ from .harness import (
     wait_text,
 )
 
-pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(not have_chromium(), reason="/usr/bin/chromium is not installed "
-                                 "(apt-get install chromium); Playwright's own browser download is not used")]
+pytestmark = BROWSER_MARKS
 
 RUN = "ui-e2e"
 STEPS = 40  # the tiny-cpu-demo preset's max_steps: enough for the adapter to answer in the data's voice

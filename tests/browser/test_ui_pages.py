@@ -8,14 +8,12 @@ from __future__ import annotations
 import subprocess
 import sys
 
-import pytest
-
 from gptoss_webui.events import EventWriter
 from gptoss_webui.runs import RunsDir
 
 from .harness import (
+    BROWSER_MARKS,
     browser_page,
-    have_chromium,
     plotted_points,
     running_app,
     shot,
@@ -23,9 +21,7 @@ from .harness import (
     wait_text,
 )
 
-pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(not have_chromium(), reason="/usr/bin/chromium is not installed "
-                                 "(apt-get install chromium); Playwright's own browser download is not used")]
+pytestmark = BROWSER_MARKS
 
 
 def test_estimate_refusal_disables_start_with_the_reason(tmp_path):
