@@ -28,9 +28,9 @@ RUN pip install --no-deps -e . \
     && mkdir -p /data \
     && chown -R app:app /data /app
 
-USER app
+USER 1000
 VOLUME ["/data"]
 EXPOSE 7860 8000
 HEALTHCHECK --interval=30s --timeout=5s --start-period=120s --retries=3 \
-    CMD python -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:7860/', timeout=4)"
+    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:7860/', timeout=4)"]
 ENTRYPOINT ["python", "-m", "gptoss_webui", "ui", "--host", "0.0.0.0", "--port", "7860", "--runs-dir", "/data/runs"]

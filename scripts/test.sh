@@ -5,5 +5,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh --test
 .venv/bin/ruff check .
+.venv/bin/hadolint Dockerfile
 .venv/bin/python -m gptoss_webui demo >/dev/null
 exec .venv/bin/python -m pytest -ra "$@"
