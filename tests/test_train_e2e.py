@@ -174,3 +174,29 @@ def test_stop_resume_kill_resume_reaches_the_same_end(full_run, tmp_path):
     for e in tail_steps:
         assert e["loss"] == pytest.approx(expected[e["step"]], abs=2e-3), e["step"]
     assert Path(run.adapter_dir / "adapter_model.safetensors").is_file()
+
+
+def test_trained_demo_merged_and_served_chats_like_hf_peft(full_run, tiny_gpt_oss, tmp_path):
+    """Issue 4's path on a real trained adapter: merge -> vLLM (CPU) -> streamed harmony chat == HF+peft."""
+    from serve_fixtures import cpu_serve_config, hf_greedy, load_hf
+
+    from gptoss_webui.serve.chat import ChatClient, SamplingParams
+    from gptoss_webui.serve.engine import Engine
+    from gptoss_webui.serve.merge import merge_run
+
+    run, _ = full_run
+    merged = merge_run(run.path)
+    engine = Engine(tmp_path / "engine.json")
+    try:
+        engine.start(cpu_serve_config(str(merged)))
+        client = ChatClient.for_engine(engine)
+        assert client.harmony  # gpt-oss chat goes through vLLM's harmony path
+        params = SamplingParams(temperature=0.0, max_tokens=16, reasoning_effort="low")
+        snapshots = list(client.stream(PROMPT, engine.status().served_name, params, return_token_ids=True))
+        final = snapshots[-1]
+        assert final.done and final.error is None and len(snapshots) >= 2
+        assert final.content.startswith("Ahoy, matey!"), final.content
+        expected = hf_greedy(load_hf(tiny_gpt_oss, run.adapter_dir), final.prompt_token_ids, 16)
+        assert final.token_ids == expected[: len(final.token_ids)]
+    finally:
+        engine.stop()
