@@ -59,7 +59,7 @@ class EngineControl:
     def snapshot(self) -> Snapshot:
         task = self._task
         if self.busy:
-            # Engine.start holds its lock while it merges: read its fields without calling status().
+            # A start or merge is under way in our thread: show its fields (phase, notes) as they are.
             info = self.engine.info
             return Snapshot("busy", info, task, self.engine.log_tail())
         info = self.engine.status()
