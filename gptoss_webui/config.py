@@ -15,7 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 
 class ConfigError(ValueError):
-    """A configuration problem, worded for the person who wrote the config (one line per problem)."""
+    """A problem the user fixes in the config or the data, worded for them; the base of every such error
+    (data, LoRA targets, attention, launch checks, estimate), so the CLI prints them without a traceback."""
 
 
 class _Strict(BaseModel):

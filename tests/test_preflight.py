@@ -67,3 +67,15 @@ def test_auto_attention_per_device_and_architecture():
     assert choose_attention("auto", "gpt_oss", on_gpu=False) == "eager"
     assert choose_attention("auto", "llama", on_gpu=False) == "sdpa"
     assert choose_attention("eager", "gpt_oss", on_gpu=True) == "eager"
+
+
+def test_cli_prints_refusals_as_one_clear_error_without_a_traceback(tmp_path):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "gptoss_webui", "train", "--config", "tiny-cpu-demo",
+                           "--set", "lora.target_modules=[nope]", "--set", f"runs_dir={tmp_path}"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert "error: unknown LoRA target module(s) ['nope']; this model's linear modules are:" in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import importlib.util
 
+from gptoss_webui.config import ConfigError
 
-class AttentionError(ValueError):
+
+class AttentionError(ConfigError):
     pass
 
 

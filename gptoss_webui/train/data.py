@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gptoss_webui.config import DataConfig
+from gptoss_webui.config import ConfigError, DataConfig
 from gptoss_webui.demo import resolve_dataset
 
 IGNORE_INDEX = -100  # label value the loss skips
@@ -27,7 +27,7 @@ ROLES = ("system", "developer", "user", "assistant")
 LOCAL_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 
 
-class DataError(ValueError):
+class DataError(ConfigError):
     """A dataset problem worded for the user, naming the file and line/row."""
 
 

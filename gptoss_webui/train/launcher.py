@@ -20,7 +20,7 @@ from pathlib import Path
 
 import psutil
 
-from gptoss_webui.config import Recipe, TrainConfig
+from gptoss_webui.config import ConfigError, Recipe, TrainConfig
 from gptoss_webui.events import EventReader, EventWriter
 from gptoss_webui.runs import Run, RunsDir
 
@@ -28,7 +28,7 @@ WORKER_MODULE = "gptoss_webui.train.worker"
 STOP_TIMEOUT_S = 120
 
 
-class LaunchError(ValueError):
+class LaunchError(ConfigError):
     """The run cannot start; the message says why and what to change."""
 
 
@@ -144,7 +144,7 @@ def launch_env(cfg: TrainConfig) -> dict[str, str]:
     return env
 
 
-def command_line(recipe: Recipe, yaml_path: str) -> str:
+def command_line(yaml_path: str) -> str:
     """The CLI line equivalent to pressing Start (shown by the UI's "Show command")."""
     return f"python -m gptoss_webui train --config {shlex.quote(yaml_path)}"
 

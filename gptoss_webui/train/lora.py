@@ -13,12 +13,12 @@ from typing import Any
 
 from torch import nn
 
-from gptoss_webui.config import LoraConfig
+from gptoss_webui.config import ConfigError, LoraConfig
 
 _LAYER = re.compile(r"\.layers\.(\d+)\.")
 
 
-class LoraTargetError(ValueError):
+class LoraTargetError(ConfigError):
     """An unknown LoRA target, with the valid names listed."""
 
 

@@ -25,11 +25,10 @@ from transformers import TrainerCallback
 from gptoss_webui.config import ConfigError, Recipe, TrainConfig
 from gptoss_webui.events import EventWriter
 from gptoss_webui.runs import Run
-from gptoss_webui.train.attention import AttentionError
-from gptoss_webui.train.data import IGNORE_INDEX, DataError, Example
-from gptoss_webui.train.lora import LoraTargetError
+from gptoss_webui.train.data import IGNORE_INDEX, Example
+from gptoss_webui.train.supervise import log_tail
 
-USER_ERRORS = (ConfigError, DataError, LoraTargetError, AttentionError, FileNotFoundError)
+USER_ERRORS = (ConfigError, FileNotFoundError)
 
 
 class ExampleDataset(torch.utils.data.Dataset):
@@ -104,7 +103,7 @@ class ProgressCallback(TrainerCallback):
         self.tokens_last = 0
         self.first_step: int | None = None
 
-    def _emit(self, type: str, **fields: Any) -> None:
+    def emit(self, type: str, **fields: Any) -> None:
         if self.events is not None:
             self.events.emit(type, **fields)
 
@@ -112,7 +111,7 @@ class ProgressCallback(TrainerCallback):
         self.first_step = state.global_step
         self.t0 = self.t_last = time.time()
         self.tokens_last = state.num_input_tokens_seen
-        self._emit("start", total_steps=state.max_steps, resumed_from_step=state.global_step, **self.start_info)
+        self.emit("start", total_steps=state.max_steps, resumed_from_step=state.global_step, **self.start_info)
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.stop.agreed():
@@ -128,29 +127,26 @@ class ProgressCallback(TrainerCallback):
             steps_done = state.global_step - (self.first_step or 0)
             elapsed = now - self.t0
             eta = (state.max_steps - state.global_step) * elapsed / steps_done if steps_done else None
-            self._emit("step", step=state.global_step, total=state.max_steps, epoch=round(state.epoch or 0, 4),
+            self.emit("step", step=state.global_step, total=state.max_steps, epoch=round(state.epoch or 0, 4),
                        loss=logs["loss"], lr=logs.get("learning_rate"), grad_norm=logs.get("grad_norm"),
                        tokens_per_s=round((tokens - self.tokens_last) / max(now - self.t_last, 1e-9), 1),
                        peak_mem_gib=round(peak_memory_gib(), 3), elapsed_s=round(elapsed, 2),
                        eta_s=None if eta is None else round(eta, 1))
             self.t_last, self.tokens_last = now, tokens
         if "eval_loss" in logs:
-            self._emit("eval", step=state.global_step, eval_loss=logs["eval_loss"])
+            self.emit("eval", step=state.global_step, eval_loss=logs["eval_loss"])
 
     def on_save(self, args, state, control, **kwargs):
         # Saving is not training: keep its time out of the next step's tokens/s.
         self.t_last = time.time()
         path = self.run.checkpoints_dir / f"checkpoint-{state.global_step}"
-        self._emit("checkpoint", step=state.global_step, path=str(path))
+        self.emit("checkpoint", step=state.global_step, path=str(path))
 
 
 def load_model(model_path: str, model_config, cfg: TrainConfig, attention: str):
     """Load the base weights for training (MXFP4 dequantized to bf16), then `prepare_model`."""
     from transformers import AutoModelForCausalLM
 
-    if cfg.precision == "fp16" and model_config.model_type == "gpt_oss":
-        raise ConfigError("precision=fp16 is refused for gpt-oss: fp16 overflows in its last layers "
-                          "(all-NaN logits). Use bf16 (or fp32 on the CPU)")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[cfg.precision]
     kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": attention, "use_cache": False}
     quant = getattr(model_config, "quantization_config", None) or {}
@@ -281,17 +277,17 @@ class LoraFinetune:
     def train(self) -> None:
         t0 = time.time()
         if self.stop.requested:
-            self._emit("stopped", step=0, checkpoint=None)
+            self.emit("stopped", step=0, checkpoint=None)
             return
         self.trainer.train(resume_from_checkpoint=self.resume_from)
         step = self.trainer.state.global_step
         callback = next(c for c in self.trainer.callback_handler.callbacks if isinstance(c, ProgressCallback))
         if callback.stopped:
             latest = self.run.latest_checkpoint()
-            self._emit("stopped", step=step, checkpoint=str(latest) if latest else None)
+            self.emit("stopped", step=step, checkpoint=str(latest) if latest else None)
             return
         self.save()
-        self._emit("done", step=step, adapter_path=str(self.run.adapter_dir), elapsed_s=round(time.time() - t0, 2))
+        self.emit("done", step=step, adapter_path=str(self.run.adapter_dir), elapsed_s=round(time.time() - t0, 2))
 
     def save(self) -> None:
         self.trainer.save_model(str(self.run.adapter_dir))
@@ -304,16 +300,9 @@ class LoraFinetune:
                 f"({self.trainer.state.global_step} steps, attention {self.attention}).\n\n"
                 f"```yaml\n{self.recipe.to_yaml()}```\n")
 
-    def _emit(self, type: str, **fields: Any) -> None:
+    def emit(self, type: str, **fields: Any) -> None:
         if self.events is not None:
             self.events.emit(type, **fields)
-
-
-def _log_tail(run: Run, lines: int = 30) -> str:
-    try:
-        return "\n".join(run.log_path.read_text(encoding="utf-8", errors="replace").splitlines()[-lines:])
-    except OSError:
-        return ""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -329,13 +318,13 @@ def main(argv: list[str] | None = None) -> int:
         recipe.train()
         return 0
     except USER_ERRORS as exc:
-        recipe._emit("error", message=str(exc), log_tail="")
+        recipe.emit("error", message=str(exc), log_tail="")
         print(f"error: {exc}", flush=True)
         return 2
     except Exception as exc:
         tb = traceback.format_exc()
         print(tb, flush=True)
-        recipe._emit("error", message=f"{type(exc).__name__}: {exc}", log_tail=tb[-4000:] + "\n" + _log_tail(run))
+        recipe.emit("error", message=f"{type(exc).__name__}: {exc}", log_tail=log_tail(run))
         return 1
 
 

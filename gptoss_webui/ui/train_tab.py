@@ -90,7 +90,7 @@ def command_view(recipe: Recipe, runs_dir: str) -> tuple[str, str]:
         from gptoss_webui.train.launcher import command_line
     except ImportError:
         return recipe.to_yaml(), f"python -m gptoss_webui train --config {yaml_path}"
-    return recipe.to_yaml(), command_line(recipe, yaml_path)
+    return recipe.to_yaml(), command_line(yaml_path)
 
 
 # --- progress rendering --------------------------------------------------------------------------
