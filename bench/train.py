@@ -48,6 +48,7 @@ class Case:
     attention: str  # as requested: auto (ours only), eager or flex_attention
     lora: str  # "preset" (r=8, attention + experts of layers 7/15/23) or "qkvo16" (r=16 on q,k,v,o)
     pad_to: int = 0  # 0: no attention_mask; N: an attention_mask, input right-padded to a multiple of N (as a collator)
+    compile: bool = False  # ours only: train.compile (worker.compile_layers)
 
     @property
     def length(self) -> int:
@@ -57,12 +58,13 @@ class Case:
     @property
     def name(self) -> str:
         pad = f" mask, padded to {self.length}" if self.pad_to else ""
-        return (f"{self.setup} {self.lora} {self.attention} ckpt={'on' if self.checkpointing else 'off'} "
+        setup = f"{self.setup}+compile" if self.compile else self.setup
+        return (f"{setup} {self.lora} {self.attention} ckpt={'on' if self.checkpointing else 'off'} "
                 f"seq={self.seq}{pad}")
 
 
-def _c(setup: str, seq: int, ckpt: bool, attention: str, lora: str, pad_to: int = 0) -> Case:
-    return Case(setup, seq, ckpt, attention, lora, pad_to)
+def _c(setup: str, seq: int, ckpt: bool, attention: str, lora: str, pad_to: int = 0, compile: bool = False) -> Case:
+    return Case(setup, seq, ckpt, attention, lora, pad_to, compile)
 
 
 # Priority order: the core rows first; rows expected to run out of memory on 80 GB last.
@@ -90,6 +92,14 @@ GRIDS: dict[str, list[Case]] = {
     # Rows a 10-minute call could not reach after REST; the HF row anchors x best HF at 4096 without checkpointing.
     "extra": [_c("hf", 4096, False, "flex_attention", "qkvo16"), _c("ours", 4096, False, "auto", "preset"),
               _c("ours", 8192, True, "eager", "preset")],
+    # The throughput goal (seq 4096, checkpointing): the anchor, our setup as shipped, then compiled layers.
+    "speed": [_c("hf", 4096, True, "flex_attention", "qkvo16"), _c("ours", 4096, True, "auto", "preset"),
+              _c("ours", 4096, True, "auto", "preset", compile=True),
+              _c("ours", 4096, True, "auto", "qkvo16", compile=True)],
+    # The estimator for our loss at other lengths and without checkpointing, and the compile gain at 8192.
+    "calib": [_c("ours", 8192, True, "auto", "preset", compile=True),
+              _c("ours", 1024, False, "auto", "preset", compile=True),
+              _c("hf", 8192, True, "flex_attention", "qkvo16")],
     # CPU smoke: tiny shapes (see SMOKE_SHAPE), eager only; checks that every code path runs.
     "smoke": [_c("ours", 64, True, "auto", "preset"), _c("hf", 64, False, "eager", "qkvo16"),
               _c("ours", 40, True, "auto", "preset", pad_to=64)],
@@ -106,6 +116,8 @@ def train_config(case: Case, preset: str, extra: list[str]) -> TrainConfig:
                  "train.optim.micro_batch_size=1"]
     if case.lora == "qkvo16":
         overrides += ["train.lora.r=16", "train.lora.alpha=32", "train.lora.expert_parameters=[]"]
+    if case.compile:
+        overrides.append("train.compile=true")
     return load_recipe(preset, overrides + extra).train
 
 
@@ -129,7 +141,8 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def measure(case: Case, cfg: TrainConfig, config: Any, device: str, warmup: int, steps: int) -> dict[str, Any]:
+def measure(case: Case, cfg: TrainConfig, config: Any, device: str, warmup: int, steps: int,
+            profile: bool = False) -> dict[str, Any]:
     """Build, then time warmup + steps training steps. Everything it allocates dies with its frame."""
     t0 = time.perf_counter()
     model, attention = build(case, cfg, config, device)
@@ -142,8 +155,7 @@ def measure(case: Case, cfg: TrainConfig, config: Any, device: str, warmup: int,
     gen = torch.Generator(device=device).manual_seed(0)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()  # the peak from here on includes the weights (still allocated)
-    times, losses = [], []
-    for _ in range(warmup + steps):
+    def step() -> tuple[float, float]:
         ids = torch.randint(0, 199_998, (1, case.length), device=device, generator=gen)  # fresh routing each step
         batch: dict[str, torch.Tensor] = {"input_ids": ids, "labels": ids.clone()}
         if case.pad_to:
@@ -157,18 +169,39 @@ def measure(case: Case, cfg: TrainConfig, config: Any, device: str, warmup: int,
         opt.step()
         opt.zero_grad(set_to_none=True)
         _sync(device)
-        times.append(time.perf_counter() - t)
-        losses.append(loss.item())
+        return time.perf_counter() - t, loss.item()
+
+    times, losses = zip(*(step() for _ in range(warmup + steps)), strict=True)
     step_s = statistics.median(times[warmup:])
     row.update(first_step_s=round(times[0], 3), step_s=round(step_s, 4), tokens_per_s=round(case.seq / step_s, 1),
                loss_first=round(losses[0], 4), loss_last=round(losses[-1], 4), steps_timed=steps)
+    if profile:
+        row["profile"] = profile_step(step, device)
     return row
 
 
-def run_case(case: Case, cfg: TrainConfig, config: Any, device: str, warmup: int, steps: int) -> dict[str, Any]:
+def profile_step(step, device: str, top: int = 12) -> dict[str, Any]:
+    """One more step under torch.profiler: where the step's time goes (kernel time by name, and how much of
+    the wall time no kernel ran, which is launch and host overhead)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with profile(activities=activities) as prof:
+        wall, _ = step()
+    events = [e for e in prof.key_averages() if e.device_type.name == ("CUDA" if device == "cuda" else "CPU")]
+    attr = "self_device_time_total" if device == "cuda" else "self_cpu_time_total"
+    events.sort(key=lambda e: getattr(e, attr), reverse=True)
+    busy_ms = sum(getattr(e, attr) for e in events) / 1e3
+    print(prof.key_averages().table(sort_by=attr, row_limit=25), flush=True)
+    return {"wall_ms": round(wall * 1e3, 1), "kernel_ms": round(busy_ms, 1),
+            "top": [[e.key[:90], round(getattr(e, attr) / 1e3, 1), e.count] for e in events[:top]]}
+
+
+def run_case(case: Case, cfg: TrainConfig, config: Any, device: str, warmup: int, steps: int,
+             profile: bool = False) -> dict[str, Any]:
     row: dict[str, Any] = {"status": "ok"}
     try:
-        row.update(measure(case, cfg, config, device, warmup, steps))
+        row.update(measure(case, cfg, config, device, warmup, steps, profile))
     except torch.OutOfMemoryError:
         row["status"] = "OOM"
     except Exception as exc:  # one failed row must not lose the others
@@ -183,8 +216,9 @@ def run_case(case: Case, cfg: TrainConfig, config: Any, device: str, warmup: int
     return row
 
 
-def predicted(cfg: TrainConfig, arch: Architecture, gpu_gib: float | None, on_gpu: bool) -> dict[str, Any]:
-    est = estimate(cfg, arch, gpu_gib, 1, on_gpu=on_gpu, search_fix=False)
+def predicted(cfg: TrainConfig, arch: Architecture, gpu_gib: float | None, on_gpu: bool,
+              hf_loss: bool) -> dict[str, Any]:
+    est = estimate(cfg, arch, gpu_gib, 1, on_gpu=on_gpu, search_fix=False, hf_loss=hf_loss)
     return {"est_peak_gib": round(est.peak_allocated_gib, 2), "est_total_gib": round(est.total_gib, 2),
             "est_peak_at": est.peak_at, "est_fits": est.fits, "est_trainable": est.trainable_params}
 
@@ -218,7 +252,8 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     for r in rows:
         err = r.get("est_err_pct")
         seq = f"{r['seq']} (pad {r['pad_to']})" if r.get("pad_to", 0) > 1 else str(r["seq"])
-        cells = [r["setup"], r["lora"], r.get("attention_impl") or r["attention"],
+        setup = r["setup"] + ("+compile" if r.get("compile") else "")
+        cells = [setup, r["lora"], r.get("attention_impl") or r["attention"],
                  "on" if r["checkpointing"] else "off", seq, _fmt(r.get("trainable_params"), ","),
                  _fmt(r.get("peak_gib"), ".2f"), _fmt(r.get("est_peak_gib"), ".2f"),
                  "-" if err is None else f"{err:+.1f} %", _fmt(r.get("step_s"), ".3f"),
@@ -240,6 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--budget-s", type=float, default=None, help="start no new row after this many seconds")
+    parser.add_argument("--profile", action="store_true", help="profile one more step of each row (kernel table)")
     args = parser.parse_args(argv)
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -275,12 +311,12 @@ def main(argv: list[str] | None = None) -> int:
     for case in cases:
         cfg = train_config(case, args.preset, extra if case.setup == "ours" else [])
         row = {**asdict(case), "name": case.name}
-        row.update(predicted(cfg, arch, gpu_gib, device == "cuda"))
+        row.update(predicted(cfg, arch, gpu_gib, device == "cuda", hf_loss=case.setup == "hf"))
         if args.budget_s is not None and time.perf_counter() - t_start > args.budget_s:
             row["status"] = "skipped (time budget)"
         else:
             print(f"--- {case.name}", flush=True)
-            row.update(run_case(case, cfg, config, device, args.warmup, args.steps))
+            row.update(run_case(case, cfg, config, device, args.warmup, args.steps, args.profile))
             if row["status"] == "ok":
                 row["est_err_pct"] = error_pct(row["est_peak_gib"], row.get("peak_gib"))
             print(json.dumps(row), flush=True)

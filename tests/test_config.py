@@ -79,3 +79,10 @@ def test_unknown_preset_lists_the_known_ones():
     with pytest.raises(ConfigError, match="unknown preset 'nope'; available: .*tiny-cpu-demo"):
         load_preset("nope")
     assert PRESETS_DIR.is_dir()
+
+
+def test_compile_is_refused_under_zero3_and_kept_elsewhere():
+    with pytest.raises(ConfigError, match="compile is not supported with deepspeed.stage=3"):
+        load_recipe("gpt-oss-120b-8xh100", ["train.compile=true"])
+    assert load_preset("gpt-oss-20b-1xh100").train.compile  # ZeRO-2: measured in bench/README.md
+    assert not load_preset("tiny-cpu-demo").train.compile

@@ -97,3 +97,10 @@ def test_a_restarted_ui_reattaches_to_a_running_engine(tmp_path):
     engine_ctl._controls.clear()
     snap = engine_ctl.control_for(tmp_path).snapshot()
     assert snap.state == "crashed" and "引擎出错" in serve_tab.engine_md(snap, "zh")
+
+
+def test_the_page_builds_with_a_widget_for_every_form_field(tmp_path):
+    """Every FIELDS entry must be placed on the Train tab (a field left out only failed in the browser)."""
+    from gptoss_webui.ui.app import build_app
+
+    assert build_app(str(tmp_path / "runs"), lang="en") is not None

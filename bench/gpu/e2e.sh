@@ -8,7 +8,7 @@ NAME=${NAME:-e2e}
 OUT=${OUT:-/tmp/out}
 CKPT=${CKPT:-/tmp/gpt-oss-20b-random}  # about 39 GiB: local disk, not $OUT
 RUNS=${RUNS:-/tmp/gptoss-runs}  # checkpoints stay here; only events and the log tail go to $OUT
-[ -f "$CKPT/config.json" ] || python3 -m bench.gpu.make_models 20b --tokenizer "${CARRY:-.gpu_carry}/tokenizer" \
+[ -f "$CKPT/config.json" ] || python3 -m bench.gpu.make_models 20b --tokenizer "$TOKENIZER" \
   --out "$CKPT" || exit 1
 run="$RUNS/$NAME"
 # Copy progress out every 10 s: if the call's time limit kills this script, $OUT still holds it.

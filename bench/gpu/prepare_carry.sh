@@ -6,7 +6,7 @@ cd "$(git rev-parse --show-toplevel)"
 CARRY=.gpu_carry
 PY=${PYTHON:-.venv/bin/python}
 grep -qxF "/$CARRY/" .git/info/exclude 2>/dev/null || echo "/$CARRY/" >> .git/info/exclude
-mkdir -p "$CARRY/wheels" "$CARRY/tokenizer"
+mkdir -p "$CARRY/wheels"
 
 # The GPU image (Python 3.12, ../shared/GPU-STACK.md) lacks deepspeed and pydantic; PyYAML, psutil, tqdm,
 # msgpack, ninja, py-cpuinfo, einops and nvidia-ml-py are there already.
@@ -16,8 +16,11 @@ mkdir -p "$CARRY/wheels" "$CARRY/tokenizer"
   typing-inspection==0.4.5
 "$PY" -m pip download -q --no-deps --no-binary=:all: -d "$CARRY/wheels" deepspeed==0.19.8  # an sdist only
 
-# The o200k_harmony tokenizer of the embedded demo (built offline by `python -m gptoss_webui demo`).
-TOK="${GPTOSS_WORKSPACE:-workspace}/models/tiny-gpt-oss"
-[ -f "$TOK/tokenizer.json" ] || "$PY" -m gptoss_webui demo
-cp "$TOK/tokenizer.json" "$TOK/tokenizer_config.json" "$TOK/chat_template.jinja" "$CARRY/tokenizer/"
+# The o200k_harmony tokenizer of the embedded demo (built offline by `python -m gptoss_webui demo`) and the o200k
+# ranks that vLLM's harmony parser reads (TIKTOKEN_ENCODINGS_BASE), xz-compressed: 32 MB raw, about 5 MB packed.
+WS="${GPTOSS_WORKSPACE:-workspace}"
+[ -f "$WS/models/tiny-gpt-oss/tokenizer.json" ] || "$PY" -m gptoss_webui demo
+tar -cf - -C "$WS/models/tiny-gpt-oss" tokenizer.json tokenizer_config.json chat_template.jinja \
+  -C "$(cd "$WS/cache/tiktoken" && pwd)" o200k_base.tiktoken | xz -9 -T2 > "$CARRY/tokenizer.tar.xz"
+rm -rf "$CARRY/tokenizer"
 du -sh "$CARRY"  # the tree plus carried paths must stay under 64 MiB a call

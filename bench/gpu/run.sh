@@ -10,6 +10,7 @@ OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 T0=$SECONDS
 export DEADLINE=$(($(date +%s) + ${BUDGET_S:-560}))
+export CKPT=${CKPT:-/tmp/gpt-oss-20b-random} RUNS=${RUNS:-/tmp/gptoss-runs}
 # shellcheck source=/dev/null
 source bench/gpu/setup.sh > "$OUT/env.log" 2>&1 || { echo "setup failed"; cat "$OUT/env.log"; exit 1; }
 summary=()
@@ -34,7 +35,7 @@ PY
       } >> "$OUT/env.log" 2>&1
       rc=$? ;;
     test)
-      python3 -m bench.gpu.make_models tiny --tokenizer "${CARRY:-.gpu_carry}/tokenizer" > "$OUT/pytest.log" 2>&1
+      python3 -m bench.gpu.make_models tiny --tokenizer "$TOKENIZER" > "$OUT/pytest.log" 2>&1
       timeout 300 python3 -m pytest tests/test_attention.py -v -p no:cacheprovider -W ignore >> "$OUT/pytest.log" 2>&1
       rc=$? ;;
     e2e)  # the exact command of bench/README.md
@@ -43,11 +44,32 @@ PY
     e2e-packed)  # the same with packing: every sequence >= 128 tokens (see bench/README.md, flex decoding)
       NAME=e2e_packed bash bench/gpu/e2e.sh --set data.packing=true
       rc=$? ;;
+    stash)  # keep the vLLM part this call carried (.vllm_gpu/a, b or c) for the `vllm` stage of a later call
+      mkdir -p /tmp/parts && cp .vllm_gpu/*/* /tmp/parts/ && ls -la /tmp/parts
+      rc=$? ;;
+    model20b)  # the random-weight gpt-oss-20b checkpoint (39 GiB) that e2e, merge and serve use
+      [ -f "$CKPT/config.json" ] || python3 -m bench.gpu.make_models 20b --tokenizer "$TOKENIZER" --out "$CKPT"
+      rc=$? ;;
+    merge)  # the CLI's merge of the e2e run's adapter (run/merged), verified against HF+peft logits
+      python3 -m gptoss_webui merge --run "$RUNS/e2e" > "$OUT/merge.log" 2>&1
+      rc=$?; tail -n 5 "$OUT/merge.log" ;;
+    vllm)  # unpack vLLM from the stashed parts; later stages (serve) import it from /tmp/site
+      cat /tmp/parts/vllm.tar.xz.part* > /tmp/vllm.tar.xz && cp /tmp/parts/deps.tar.xz /tmp/ \
+        && (cd /tmp && sha256sum -c /tmp/parts/SHA256SUMS) && rm -rf /tmp/site && mkdir -p /tmp/site \
+        && tar -xJf /tmp/vllm.tar.xz -C /tmp/site && tar -xJf /tmp/deps.tar.xz -C /tmp/site
+      rc=$?
+      # The trimmed vLLM has no flashinfer: its sampler must not be asked for.
+      export PYTHONPATH="$PYTHONPATH:/tmp/site" VLLM_USE_FLASHINFER_SAMPLER=0 VLLM_NO_USAGE_STATS=1
+      python3 -c "import vllm; print('vllm', vllm.__version__)" || rc=1 ;;
+    serve)  # bench/serve.py: our Engine and chat client on vLLM, base + hot-loaded e2e adapter, then merged
+      python3 -m bench.serve --model "$CKPT" --adapter "$RUNS/e2e/adapter" --out "$OUT" ${SERVE_ARGS:-} \
+        --budget-s $((DEADLINE - $(date +%s) - 20)) 2>&1 | tee "$OUT/serve.log" | grep -v '^{'
+      rc=${PIPESTATUS[0]} ;;
     bench:*)
       IFS=: read -r _ grid only <<< "$stage"  # bench:GRID or bench:GRID:INDEX (that row, in its own process)
       budget=$((DEADLINE - $(date +%s) - ${ROW_S:-60}))  # no new row once a slow one could overrun
       python3 -m bench.train --grid "$grid" ${only:+--only "$only"} --tag "$grid" --append --out "$OUT" \
-        --budget-s "$budget" 2>&1 | tee -a "$OUT/bench_$grid.log" | grep -v '^{'
+        --budget-s "$budget" ${BENCH_ARGS:-} 2>&1 | tee -a "$OUT/bench_$grid.log" | grep -v '^{'
       rc=${PIPESTATUS[0]} ;;
     *) echo "unknown stage $stage"; rc=2 ;;
   esac

@@ -6,6 +6,13 @@ export DS_BUILD_OPS=0 TORCH_CUDA_ARCH_LIST=9.0 PYTHONUNBUFFERED=1 PIP_BREAK_SYST
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # `import gptoss_webui` and `import bench` from the tree
 export GPTOSS_WORKSPACE=${GPTOSS_WORKSPACE:-/tmp/gptoss-ws}
+# The tokenizer files (for the checkpoints make_models writes) and the o200k ranks (for vLLM's harmony parser).
+export TOKENIZER=${TOKENIZER:-/tmp/gptoss-tokenizer}
+if [ -f "$CARRY/tokenizer.tar.xz" ]; then
+  mkdir -p "$TOKENIZER" "$GPTOSS_WORKSPACE/cache/tiktoken"
+  tar -xJf "$CARRY/tokenizer.tar.xz" -C "$TOKENIZER"
+  mv "$TOKENIZER/o200k_base.tiktoken" "$GPTOSS_WORKSPACE/cache/tiktoken/"
+fi
 python3 -m pip install -q --no-index --no-build-isolation --no-cache-dir --find-links "$CARRY/wheels" \
   deepspeed==0.19.8 pydantic==2.14.4 hjson
 # The launcher runs the `deepspeed` script that sits beside sys.executable; pip may have put it elsewhere.

@@ -5,7 +5,7 @@ the hub cache, built-in tables (../shared/GPT-OSS-FACTS.md) or the demo shapes (
 The terms follow GPT-OSS-FACTS.md "Memory estimate"; the activation and logits constants are fitted on
 the measured peaks in ../shared/GPU-STACK.md (tests/test_memory.py holds that table and the error bound).
 
-The peak is whichever of two moments is larger: the loss backward (all saved activations plus the
+The peak is whichever of two moments is larger: the loss (all saved activations plus the
 logits and their gradients) or the backward of one layer (saved activations plus that layer recomputed,
 its attention scores and expert-LoRA weights). Measured peaks are torch's allocated bytes; the verdict
 adds the CUDA context and allocator fragmentation on top.
@@ -39,9 +39,12 @@ EAGER_SAVED_SCORES = 1.0
 # size are alive (score gradients, softmax backward, the scaled scores): 4.24 in all, fitted on eager
 # 8192 with checkpointing (the only measured row where the recomputed layer, not the loss, sets the peak).
 EAGER_BACKWARD_SCORES = 3.25
-# Logits and loss, per element of batch x seq x vocab: the logits in the model dtype, plus three fp32
-# tensors alive in the loss backward (log_softmax output, its gradient, the logits' gradient). bf16 gives
-# 2 + 12 = 14 bytes; GPU-STACK's flex rows at 4096 and 8192 (checkpointing on) imply 14.04.
+# Logits and loss, per element of batch x seq x vocab. Our loss (train/loss.py) keeps the logits and their
+# gradient in the model dtype, plus two fp32 slices of LOSS_SLICE_BYTES while it runs. transformers'
+# ForCausalLMLoss (the plain-HF baseline of bench/train.py, and GPU-STACK's rows) keeps the logits plus three
+# fp32 tensors (log_softmax output, its gradient, the logits' gradient): bf16 gives 2 + 12 = 14 bytes;
+# GPU-STACK's flex rows at 4096 and 8192 (checkpointing on) imply 14.04.
+LOSS_SLICE_BYTES = 256 * 2**20
 LOGITS_FP32_TENSORS = 3
 # Not part of torch's allocated peak, but part of what the card must hold.
 CUDA_CONTEXT_GIB = 0.75  # CUDA context + cuBLAS workspace: 0.5-1 GiB (FACTS "Memory estimate" 6)
@@ -355,11 +358,17 @@ def _layer_saved_bytes_per_token(arch: Architecture, p: int) -> float:
     return norms + attention + mlp
 
 
+def loss_slice_rows(vocab: int) -> int:
+    """Rows of logits that train/loss.py turns into fp32 at a time."""
+    return max(1, LOSS_SLICE_BYTES // (4 * vocab))
+
+
 def estimate(train_cfg: TrainConfig, arch: Architecture, gpu_gib: float | None, world_size: int, *,
-             on_gpu: bool | None = None, search_fix: bool = True) -> Estimate:
+             on_gpu: bool | None = None, search_fix: bool = True, hf_loss: bool = False) -> Estimate:
     """Per-GPU memory of train_cfg on `world_size` GPUs of `gpu_gib` each (None: nothing to judge against,
     fits=True). on_gpu decides what attention `auto` becomes (default: gpu_gib is not None); search_fix=False
-    skips the search for a fix when it does not fit."""
+    skips the search for a fix when it does not fit. hf_loss: estimate transformers' own loss instead of
+    ours (for the plain-HF baseline that bench/train.py measures beside our setup)."""
     cfg, n = train_cfg, max(1, world_size)
     on_gpu = gpu_gib is not None if on_gpu is None else on_gpu
     p = DTYPE_BYTES[cfg.precision]
@@ -399,7 +408,7 @@ def estimate(train_cfg: TrainConfig, arch: Architecture, gpu_gib: float | None, 
     terms.append(Term("LoRA weights + grads + Adam", lora_bytes / GIB,
                       f"{P:,} params" + (", Adam in CPU memory" if offload_optimizer else "")))
 
-    # 3-5. activations, the layer in backward, logits: peak = max(loss backward, one layer's backward).
+    # 3-5. activations, the layer in backward, logits: peak = max(loss, one layer's backward).
     per_layer = _layer_saved_bytes_per_token(arch, p) * tokens
     scores = b * arch.heads * s * (s + 1) * p if quadratic else 0.0  # one [b, heads, s, s+1] tensor
     expert_w = arch.expert_params_per_layer * p if lora.expert_layers else 0  # W + scale*B@A, per layer
@@ -424,11 +433,15 @@ def estimate(train_cfg: TrainConfig, arch: Architecture, gpu_gib: float | None, 
                     else f"{attention}: linear in seq")
     if expert_w:
         layer_detail += f"; expert LoRA merged weights {(expert_w + expert_grad) / GIB:.2f} GiB"
-    logits = tokens * arch.vocab * (p + 4 * LOGITS_FP32_TENSORS)
+    if hf_loss:
+        logits = tokens * arch.vocab * (p + 4 * LOGITS_FP32_TENSORS)
+        logits_detail = f"{b} x {s} x {arch.vocab:,} x ({p}+{4 * LOGITS_FP32_TENSORS}) B (transformers' loss)"
+    else:
+        logits = tokens * arch.vocab * 2 * p + 2 * min(tokens, loss_slice_rows(arch.vocab)) * arch.vocab * 4
+        logits_detail = f"{b} x {s} x {arch.vocab:,} x (2 x {p}) B + two fp32 slices"
     loss_peak = logits >= layer
     terms.append(Term("saved activations", saved / GIB, saved_detail))
-    terms.append(Term("logits + loss", logits / GIB, f"{b} x {s} x {arch.vocab:,} x "
-                      f"({p}+{4 * LOGITS_FP32_TENSORS}) B", counted=loss_peak))
+    terms.append(Term("logits + loss", logits / GIB, logits_detail, counted=loss_peak))
     terms.append(Term(layer_name, layer / GIB, layer_detail, counted=not loss_peak))
 
     # 6. overhead: DeepSpeed buckets, then context and fragmentation (not in torch's allocated peak).
@@ -454,7 +467,7 @@ def estimate(train_cfg: TrainConfig, arch: Architecture, gpu_gib: float | None, 
     est = Estimate(model=cfg.model, setup=", ".join(modes), terms=terms, peak_allocated_gib=allocated,
                    total_gib=total, gpu_gib=gpu_gib, world_size=n, fits=fits, margin_gib=margin,
                    trainable_params=P, total_params=arch.total_params, attention=attention,
-                   peak_at="loss backward" if loss_peak else layer_name, notes=notes)
+                   peak_at="loss" if loss_peak else layer_name, notes=notes)
     if not fits and search_fix:
         est.fix = find_fix(cfg, arch, gpu_gib, n, on_gpu)
     return est

@@ -160,11 +160,14 @@ def load_model(model_path: str, model_config, cfg: TrainConfig, attention: str):
 
 
 def prepare_model(model, cfg: TrainConfig):
-    """Gradient checkpointing, ZeRO-3 leaf modules and LoRA on a loaded model (shared with bench/train.py)."""
+    """Loss, gradient checkpointing, ZeRO-3 leaf modules, LoRA and compilation on a loaded model (shared
+    with bench/train.py)."""
     from peft import get_peft_model
 
     from gptoss_webui.train.lora import build_peft_config
+    from gptoss_webui.train.loss import causal_lm_loss
 
+    model.loss_function = causal_lm_loss
     if model.config.model_type == "gpt_oss" and cfg.deepspeed.enabled and cfg.deepspeed.stage == 3:
         # Ranks routing tokens to different experts must still gather the same parameters.
         from deepspeed.utils import set_z3_leaf_modules
@@ -173,7 +176,31 @@ def prepare_model(model, cfg: TrainConfig):
     if cfg.gradient_checkpointing:
         model.config.use_cache = False
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return get_peft_model(model, build_peft_config(cfg.lora, model))
+    model = get_peft_model(model, build_peft_config(cfg.lora, model))
+    if cfg.compile:
+        compile_layers(model)
+    return model
+
+
+def compile_layers(model) -> list[str]:
+    """torch.compile every decoder layer in place; returns what was compiled, per layer.
+
+    Checkpointing then recomputes the compiled layer. A layer whose experts carry LoRA compiles only its
+    attention: peft's ParamWrapper registers a parametrization on every call, which dynamo cannot trace.
+    """
+    from peft.tuners.lora.layer import ParamWrapper
+
+    # Sliding and full-attention layers, and each new sequence length, are separate graphs.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    compiled = []
+    for layer in model.get_base_model().model.layers:
+        if any(isinstance(m, ParamWrapper) for m in layer.modules()):
+            layer.self_attn.compile()
+            compiled.append("attention")
+        else:
+            layer.compile()
+            compiled.append("layer")
+    return compiled
 
 
 class LoraFinetune:
@@ -269,7 +296,7 @@ class LoraFinetune:
             "truncated_examples": self.data.truncated,
             "config": {"lora_r": cfg.lora.r, "lr": cfg.optim.learning_rate, "precision": cfg.precision,
                        "zero_stage": cfg.deepspeed.stage if cfg.deepspeed.enabled else None,
-                       "gradient_checkpointing": cfg.gradient_checkpointing,
+                       "gradient_checkpointing": cfg.gradient_checkpointing, "compile": cfg.compile,
                        "max_length": cfg.data.max_length},
         }
 

@@ -75,6 +75,7 @@ FIELDS: list[FormField] = [
     _F("train.lora.expert_parameters", "train.lora_experts", "multi", tuple(EXPERT_PARAMETERS), "lora"),
     _F("train.lora.expert_layers", "train.lora_layers", "layers", group="lora"),
     _F("train.gradient_checkpointing", "train.checkpointing", "check", group="memory"),
+    _F("train.compile", "train.compile", "check", group="memory"),
     _F("train.deepspeed.stage", "train.ds_stage", "radio", (2, 3), "memory"),
     _F("train.deepspeed.offload_optimizer", "train.offload_optimizer", "check", group="memory"),
     _F("train.deepspeed.offload_params", "train.offload_params", "check", group="memory"),
