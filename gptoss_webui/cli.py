@@ -95,7 +95,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from gptoss_webui.serve.engine import EngineError, serve_forever
+    from gptoss_webui.serve.command import serve_forever
+    from gptoss_webui.serve.engine import EngineError
 
     try:
         return serve_forever(args)

@@ -48,8 +48,9 @@ from gptoss_webui.demo import resolve_model
 from gptoss_webui.paths import workspace_dir
 from gptoss_webui.serve import plan
 from gptoss_webui.serve.chat import CancelToken, ChatClient, ChatError, SamplingParams
-from gptoss_webui.serve.engine import Engine, EngineError, port_free
+from gptoss_webui.serve.engine import Engine, EngineError
 from gptoss_webui.serve.merge import PROVENANCE_FILE, previous_merge
+from gptoss_webui.serve.procs import port_free
 
 pytestmark = pytest.mark.slow
 NEW_TOKENS = 8

@@ -4,6 +4,7 @@ environment, CLI parsing, and `merge --run` on a real run folder (peft adapter, 
 from __future__ import annotations
 
 import json
+import shutil
 import threading
 import time
 
@@ -14,6 +15,7 @@ from gptoss_webui.cli import build_parser, main
 from gptoss_webui.config import Recipe, ServeConfig
 from gptoss_webui.demo import resolve_model
 from gptoss_webui.serve import plan
+from gptoss_webui.serve.command import serve_config_from_args
 from gptoss_webui.serve.diagnose import explain_failure
 from gptoss_webui.serve.engine import (
     Engine,
@@ -21,7 +23,6 @@ from gptoss_webui.serve.engine import (
     EngineInfo,
     build_command,
     build_env,
-    serve_config_from_args,
 )
 
 GPT_OSS = {"model_type": "gpt_oss"}
@@ -161,6 +162,20 @@ def test_cli_merge_of_a_run_folder(tmp_path, capsys):
     assert (run / "merge.log").is_file()
     assert main(["merge", "--run", str(run)]) == 0
     assert "reused the merged model" in capsys.readouterr().out
+
+
+def test_merge_refuses_a_disk_without_room_for_the_copy(tmp_path, monkeypatch, capsys):
+    from gptoss_webui.serve import merge
+
+    run = tmp_path / "run-1"
+    run.mkdir()
+    Recipe.from_dict({"train": {"model": "demo:tiny-dense"}}).save(run / "config.yaml")
+    make_adapter(resolve_model("demo:tiny-dense"), run / "adapter", scale=0.5)
+    monkeypatch.setattr(merge.shutil, "disk_usage", lambda _p: shutil._ntuple_diskusage(10**12, 10**12, 2**20))
+    assert main(["merge", "--run", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert "the merged model needs about" in err and "1 MiB" not in err and "hot-load the adapter" in err
+    assert not (run / "merged").exists() and not (run / "merge.log").exists()  # refused before any work
 
 
 @pytest.mark.slow  # a real merge in a subprocess (~15 s)

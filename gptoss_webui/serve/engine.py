@@ -13,13 +13,11 @@ when an adapter's module names do not match, so identical outputs raise a warnin
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -33,7 +31,7 @@ import httpx
 import psutil
 
 from gptoss_webui.config import ServeConfig
-from gptoss_webui.serve import plan
+from gptoss_webui.serve import plan, procs
 from gptoss_webui.serve.diagnose import explain_failure, read_tail
 
 STATES = ("stopped", "starting", "running", "crashed")
@@ -125,7 +123,7 @@ class Engine:
             info = EngineInfo.from_json(self.state_path.read_text(encoding="utf-8"))
         except (OSError, ValueError, TypeError):
             return EngineInfo()
-        if info.state in ("starting", "running") and not _alive(info.pid, info.create_time):
+        if info.state in ("starting", "running") and not procs.alive(info.pid, info.create_time):
             info.state = "crashed"
             info.error = info.error or (f"the engine process (pid {info.pid}) ended while no app was "
                                         f"watching it; log: {info.log_path}")
@@ -139,7 +137,7 @@ class Engine:
     def _running(self) -> bool:
         if self._proc is not None:
             return self._proc.poll() is None
-        return _alive(self.info.pid, self.info.create_time)
+        return procs.alive(self.info.pid, self.info.create_time)
 
     def status(self) -> EngineInfo:
         """Refresh and return the state: a dead process is 'crashed' (with the cause from its log), and so
@@ -291,7 +289,7 @@ class Engine:
             self._proc = subprocess.Popen(info.command, stdout=log, stderr=subprocess.STDOUT, env=env,
                                           stdin=subprocess.DEVNULL, start_new_session=True)
         info.pid = self._proc.pid
-        info.create_time = _create_time(self._proc.pid)
+        info.create_time = procs.start_time_of(self._proc.pid)
         info.state, info.started_at, info.error, info.phase = "starting", time.time(), None, "loading model"
         self.info = info
         self._save()
@@ -341,19 +339,19 @@ class Engine:
         pid = self.info.pid
         if pid is None:
             return
-        procs = _group_members(pid, self.info.create_time)
+        members = procs.group_members(pid, self.info.create_time)
         for sig in (signal.SIGTERM, signal.SIGKILL):
-            if not procs:
+            if not members:
                 break
-            for p in procs:
+            for p in members:
                 with contextlib.suppress(psutil.NoSuchProcess):
                     p.send_signal(sig)
-            procs = _wait_gone(procs, timeout if sig == signal.SIGTERM else 10.0)
+            members = procs.wait_gone(members, timeout if sig == signal.SIGTERM else 10.0)
         if self._proc is not None:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self._proc.wait(timeout=5)  # reap our child so it is not left a zombie
             self._proc = None
-        _wait_port_free(self.info.host, self.info.port, 10.0)
+        procs.wait_port_free(self.info.host, self.info.port, 10.0)
 
     # --- adapters -------------------------------------------------------------------------------
     def _require_running(self) -> EngineInfo:
@@ -520,64 +518,6 @@ def _served_name(spec: str, model: str) -> str:
     return f"{path.parent.name}-merged" if path.name == "merged" else path.name
 
 
-def _create_time(pid: int) -> float | None:
-    try:
-        return psutil.Process(pid).create_time()
-    except psutil.Error:
-        return None
-
-
-def _alive(pid: int | None, create_time: float | None) -> bool:
-    if pid is None:
-        return False
-    try:
-        proc = psutil.Process(pid)
-        if create_time is not None and abs(proc.create_time() - create_time) > 1.0:
-            return False  # the pid was reused by another program
-        return proc.status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False
-
-
-def _group_members(pid: int, create_time: float | None) -> list[psutil.Process]:
-    """The engine and everything it started: its descendants, plus vLLM processes left in its process
-    group when the server itself is gone (EngineCore and workers outlive a killed API server)."""
-    found: dict[int, psutil.Process] = {}
-    if _alive(pid, create_time):
-        try:
-            root = psutil.Process(pid)
-            for p in [root, *root.children(recursive=True)]:
-                found[p.pid] = p
-        except psutil.Error:
-            pass
-    for p in psutil.process_iter(["name", "cmdline", "create_time"]):
-        try:
-            if (p.pid not in found and os.getpgid(p.pid) == pid
-                    and (create_time is None or p.info["create_time"] >= create_time - 1.0)
-                    and "vllm" in f"{p.info['name']} {' '.join(p.info['cmdline'] or [])}".lower()):
-                found[p.pid] = p
-        except (OSError, psutil.Error):
-            continue
-    return list(found.values())
-
-
-def _wait_gone(procs: list[psutil.Process], timeout: float) -> list[psutil.Process]:
-    """Wait until the processes have exited; returns those still running. A zombie counts as gone: an
-    orphaned EngineCore may wait for a reaper that never comes (PID 1 in a container often is none)."""
-    deadline = time.time() + timeout
-    while True:
-        alive = []
-        for p in procs:
-            try:
-                if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
-                    alive.append(p)
-            except psutil.Error:
-                continue
-        if not alive or time.time() > deadline:
-            return alive
-        time.sleep(0.1)
-
-
 def _healthy(info: EngineInfo, timeout: float) -> bool:
     try:
         return httpx.get(info.base_url.removesuffix("/v1") + "/health", timeout=timeout).status_code == 200
@@ -585,35 +525,16 @@ def _healthy(info: EngineInfo, timeout: float) -> bool:
         return False
 
 
-def port_free(host: str, port: int) -> bool:
-    """Could a server listen on host:port now? With SO_REUSEADDR, like vLLM's own socket: connections
-    left in TIME_WAIT by a stopped engine do not block it, a program listening there does."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host, port))
-            return True
-        except OSError:
-            return False
-
-
 def _pick_port(host: str, port: int, strict: bool, notes: list[str]) -> int:
-    if port_free(host, port):
+    if procs.port_free(host, port):
         return port
     if strict:
         raise EngineError(f"port {port} on {host} is already in use by another program: pick another port")
     for candidate in range(port + 1, min(port + 200, 65536)):
-        if port_free(host, candidate):
+        if procs.port_free(host, candidate):
             notes.append(f"port {port} was in use; the engine listens on {candidate}")
             return candidate
     raise EngineError(f"ports {port}-{port + 199} on {host} are all in use: pick another port")
-
-
-def _wait_port_free(host: str, port: int, timeout: float) -> None:
-    deadline = time.time() + timeout
-    while port and not port_free(host, port) and time.time() < deadline:
-        time.sleep(0.2)
 
 
 def _check_cpu_memory(model: str, kv_gib: float) -> None:
@@ -625,60 +546,3 @@ def _check_cpu_memory(model: str, kv_gib: float) -> None:
         raise EngineError(f"not enough free memory: the weights ({weights:.1f} GiB) and the KV cache "
                           f"({max(1, math.ceil(kv_gib))} GiB) need {need:.1f} GiB, {free:.1f} GiB is free. "
                           "Lower serve.cpu_kv_cache_gib or close other programs")
-
-
-# --- CLI: python -m gptoss_webui serve ------------------------------------------------------------
-
-def serve_config_from_args(args: argparse.Namespace) -> tuple[ServeConfig, dict[str, str]]:
-    """The ServeConfig for `serve` flags: a recipe's serve section when --config is given, then the flags."""
-    base = ServeConfig()
-    if getattr(args, "config", None):
-        from gptoss_webui.presets import load_recipe
-
-        overrides = [o if o.startswith(("serve.", "train.")) else f"serve.{o}" for o in args.overrides]
-        base = load_recipe(args.config, overrides).serve
-    elif getattr(args, "overrides", None):
-        from gptoss_webui.config import Recipe
-
-        overrides = [o if o.startswith("serve.") else f"serve.{o}" for o in args.overrides]
-        base = Recipe.from_dict({}, overrides).serve
-    adapters = {}
-    for item in args.adapter:
-        name, sep, path = item.partition("=")
-        if not sep or not name or not path:
-            raise EngineError(f"--adapter '{item}' must look like NAME=PATH")
-        adapters[name] = path
-    config = base.model_copy(update={"model": args.model, "host": args.host, "port": args.port})
-    return ServeConfig.model_validate(config.model_dump()), adapters
-
-
-def serve_forever(args: argparse.Namespace) -> int:
-    """`serve`: start the engine, print the OpenAI base URL and model names, run until Ctrl-C."""
-    config, adapters = serve_config_from_args(args)
-    engine = Engine()
-    mode: plan.AdapterMode = "merge" if args.merge else "auto"
-    # SIGTERM (a supervisor, `kill`) ends the CLI like Ctrl-C does: the engine is stopped, not orphaned.
-    signal.signal(signal.SIGTERM, _interrupt)
-    try:
-        info = engine.start(config, adapters=adapters, adapter_mode=mode,
-                            progress=lambda m: print(m, flush=True))
-        for note in info.notes:
-            print(f"note: {note}")
-        print(f"\nOpenAI base URL: {info.base_url}")
-        print(f"models: {', '.join(engine.models())}")
-        if info.api_key_env:
-            print(f"API key: the value of ${info.api_key_env}")
-        print("Ctrl-C stops the engine.", flush=True)
-        while True:
-            time.sleep(2.0)
-            if engine.status().state == "crashed":
-                print(f"error: the engine crashed: {engine.info.error}", file=sys.stderr)
-                return 1
-    except KeyboardInterrupt:
-        print("\nstopping the engine...", flush=True)
-        engine.stop()
-        return 0
-
-
-def _interrupt(_signum: int, _frame: Any) -> None:
-    raise KeyboardInterrupt

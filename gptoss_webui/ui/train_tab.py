@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import html
 import shutil
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -343,9 +344,14 @@ def build(L: Localizer, lang: gr.Radio, runs_dir: str) -> TrainTab:  # noqa: C90
         try:
             from gptoss_webui.train.launcher import stop as stop_run
 
-            note(lang_v, stop_run(RunsDir(runs_dir).get(name)))
+            run = RunsDir(runs_dir).get(name)
         except Exception as exc:
             warn(lang_v, t("msg.stop_failed", lang_v, error=exc))
+            return
+        # The ranks save a checkpoint before they exit (about 35 s on gpt-oss-20b, up to the launcher's kill
+        # timeout): wait in the background; the run view shows "stopping", then the stopped event.
+        threading.Thread(target=stop_run, args=(run,), daemon=True, name=f"stop-{name}").start()
+        note(lang_v, t("msg.stopping", lang_v, name=name))
 
     def on_resume(lang_v: str, force_v: bool, name: str | None):
         if not name:

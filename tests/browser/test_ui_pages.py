@@ -102,6 +102,27 @@ def test_reload_and_restart_reattach_to_a_running_run(tmp_path):
             sleeper.wait()
 
 
+def test_stop_from_the_page_stops_the_run(tmp_path):
+    """Stop says it is stopping (the wait for the ranks runs in the background); the page then shows it stopped."""
+    runs = tmp_path / "runs"
+    # Its own process group, as the launcher's supervisor: with no rank yet, stop ends the whole group.
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"], start_new_session=True)
+    try:
+        run, w = _fake_running_run(runs, sleeper.pid)
+        _step(w, 1)
+        with running_app(runs) as url, browser_page() as page:
+            page.goto(url)
+            wait_text(page, "#gw-run-state", "running")
+            page.locator("#gw-stop").click()
+            page.get_by_text("Stopping live-run").wait_for(timeout=10000)
+            wait_text(page, "#gw-run-state", "stopped")
+            assert sleeper.wait(timeout=10) is not None
+    finally:
+        if sleeper.poll() is None:
+            sleeper.kill()
+            sleeper.wait()
+
+
 def test_public_bind_requires_login(tmp_path):
     runs = tmp_path / "runs"
     with running_app(runs, "--host", "0.0.0.0", "--auth", "ann:s3cret-pw") as url, browser_page() as page:

@@ -1,0 +1,71 @@
+"""`python -m gptoss_webui serve`: an engine from the command line, running until Ctrl-C or SIGTERM."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import time
+from typing import Any
+
+from gptoss_webui.config import ServeConfig
+from gptoss_webui.serve import plan
+from gptoss_webui.serve.engine import Engine, EngineError
+
+
+def serve_config_from_args(args: argparse.Namespace) -> tuple[ServeConfig, dict[str, str]]:
+    """The ServeConfig for `serve` flags: a recipe's serve section when --config is given, then the flags."""
+    base = ServeConfig()
+    if getattr(args, "config", None):
+        from gptoss_webui.presets import load_recipe
+
+        overrides = [o if o.startswith(("serve.", "train.")) else f"serve.{o}" for o in args.overrides]
+        base = load_recipe(args.config, overrides).serve
+    elif getattr(args, "overrides", None):
+        from gptoss_webui.config import Recipe
+
+        overrides = [o if o.startswith("serve.") else f"serve.{o}" for o in args.overrides]
+        base = Recipe.from_dict({}, overrides).serve
+    adapters = {}
+    for item in args.adapter:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise EngineError(f"--adapter '{item}' must look like NAME=PATH")
+        adapters[name] = path
+    config = base.model_copy(update={"model": args.model, "host": args.host, "port": args.port})
+    return ServeConfig.model_validate(config.model_dump()), adapters
+
+
+def serve_forever(args: argparse.Namespace) -> int:
+    """`serve`: start the engine, print the OpenAI base URL and model names, run until Ctrl-C."""
+    config, adapters = serve_config_from_args(args)
+    engine = Engine()
+    mode: plan.AdapterMode = "merge" if args.merge else "auto"
+    # SIGTERM (a supervisor, `kill`) ends the CLI like Ctrl-C does: the engine is stopped, not orphaned.
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        info = engine.start(config, adapters=adapters, adapter_mode=mode,
+                            progress=lambda m: print(m, flush=True))
+        for note in info.notes:
+            print(f"note: {note}")
+        print(f"\nOpenAI base URL: {info.base_url}")
+        print(f"models: {', '.join(engine.models())}")
+        if info.api_key_env:
+            print(f"API key: the value of ${info.api_key_env}")
+        print("Ctrl-C stops the engine.", flush=True)
+        while True:
+            time.sleep(2.0)
+            if engine.status().state == "crashed":
+                print(f"error: the engine crashed: {engine.info.error}", file=sys.stderr)
+                return 1
+    except KeyboardInterrupt:
+        # A second Ctrl-C (or SIGTERM) must not end this process halfway and leave vLLM running.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        print("\nstopping the engine...", flush=True)
+        engine.stop()
+        return 0
+
+
+def _interrupt(_signum: int, _frame: Any) -> None:
+    raise KeyboardInterrupt
