@@ -182,25 +182,21 @@ def prepare_model(model, cfg: TrainConfig):
     return model
 
 
-def compile_layers(model) -> list[str]:
-    """torch.compile every decoder layer in place; returns what was compiled, per layer.
+def compile_layers(model) -> None:
+    """torch.compile every decoder layer in place; checkpointing then recomputes the compiled layer.
 
-    Checkpointing then recomputes the compiled layer. A layer whose experts carry LoRA compiles only its
-    attention: peft's ParamWrapper registers a parametrization on every call, which dynamo cannot trace.
+    A layer whose experts carry LoRA compiles only its attention: peft's ParamWrapper registers a
+    parametrization on every call, which dynamo cannot trace.
     """
     from peft.tuners.lora.layer import ParamWrapper
 
     # Sliding and full-attention layers, and each new sequence length, are separate graphs.
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-    compiled = []
     for layer in model.get_base_model().model.layers:
         if any(isinstance(m, ParamWrapper) for m in layer.modules()):
             layer.self_attn.compile()
-            compiled.append("attention")
         else:
             layer.compile()
-            compiled.append("layer")
-    return compiled
 
 
 class LoraFinetune:
