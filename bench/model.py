@@ -1,4 +1,5 @@
-"""gpt-oss-20b's architecture with random weights: built on the GPU, or saved as a checkpoint.
+"""gpt-oss-20b's (and 120b's) architecture with random weights: built on the GPU, or saved as a checkpoint in the
+released layout (MXFP4 experts).
 
 No download: the shapes follow ../shared/GPT-OSS-FACTS.md. transformers' GptOssConfig() defaults are the
 120b values (36 layers, 128 experts), so every 20b field is set here explicitly.
@@ -6,7 +7,6 @@ No download: the shapes follow ../shared/GPT-OSS-FACTS.md. transformers' GptOssC
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
@@ -33,26 +33,36 @@ def gpt_oss_20b_config(layers: int = 24, experts: int = 32, hidden: int = 2880, 
     )
 
 
-def build_random_model(config, attention: str, device: str, dtype: torch.dtype = torch.bfloat16):
-    """Random weights allocated directly on `device` (41.8 GB in bf16 for the real shape: no CPU copy)."""
+def gpt_oss_120b_config():
+    """gpt-oss-120b: the 20b's width with 36 layers and 128 experts (GPT-OSS-FACTS.md)."""
+    return gpt_oss_20b_config(layers=36, experts=128)
+
+
+def build_random_model(config, attention: str, device: str, dtype: torch.dtype = torch.bfloat16,
+                       base_weights: str = "bf16"):
+    """Random weights allocated directly on `device`: all bf16 (41.8 GB for the real 20b shape), or with the
+    experts in MXFP4 as the released checkpoint stores them (12.8 GiB), built by the worker's own assembly."""
     from transformers import AutoModelForCausalLM
 
+    if base_weights == "mxfp4":
+        from gptoss_webui.mxfp4 import random_checkpoint_tensors
+        from gptoss_webui.train.weights import assemble_model
+
+        tensors = dict(random_checkpoint_tensors(config, dtype, device))
+        return assemble_model(config, tensors, dtype, attention, source="random weights")
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attention)
     model.config.use_cache = False
     return model
 
 
-def save_random_checkpoint(out_dir: Path, tokenizer_dir: Path, config=None, device: str = "cuda") -> Path:
-    """A bf16 safetensors checkpoint plus the o200k_harmony tokenizer files, loadable by the worker."""
+def save_random_checkpoint(out_dir: Path, tokenizer_dir: Path, config, device: str = "cuda") -> Path:
+    """A checkpoint in the released layout (MXFP4 experts, quantization_config) with random weights, plus the
+    o200k_harmony tokenizer files: what users download, loadable by the worker, the merge and vLLM."""
+    from gptoss_webui.mxfp4 import write_random_checkpoint
+
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model = build_random_model(config or gpt_oss_20b_config(), "eager", device)
-    model.save_pretrained(out_dir, safe_serialization=True)
-    del model
+    write_random_checkpoint(config, out_dir, torch.bfloat16, device)
     for name in TOKENIZER_FILES:
         shutil.copy(Path(tokenizer_dir) / name, out_dir / name)
-    cfg = json.loads((out_dir / "config.json").read_text(encoding="utf-8"))
-    cfg.pop("attn_implementation", None)  # let the worker's choose_attention decide
-    (out_dir / "config.json").write_text(json.dumps(cfg, indent=2), encoding="utf-8")
     return out_dir

@@ -17,6 +17,7 @@ and the estimator's predicted peak (train/memory.py, peak_allocated_gib) with it
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
 import gc
 import json
@@ -49,6 +50,7 @@ class Case:
     lora: str  # "preset" (r=8, attention + experts of layers 7/15/23) or "qkvo16" (r=16 on q,k,v,o)
     pad_to: int = 0  # 0: no attention_mask; N: an attention_mask, input right-padded to a multiple of N (as a collator)
     compile: bool = False  # ours only: train.compile (worker.compile_layers)
+    base: str = "bf16"  # ours only: train.base_weights (mxfp4: the experts stay MXFP4, decoded a layer at a time)
 
     @property
     def length(self) -> int:
@@ -59,12 +61,14 @@ class Case:
     def name(self) -> str:
         pad = f" mask, padded to {self.length}" if self.pad_to else ""
         setup = f"{self.setup}+compile" if self.compile else self.setup
+        setup += " mxfp4" if self.base == "mxfp4" else ""
         return (f"{setup} {self.lora} {self.attention} ckpt={'on' if self.checkpointing else 'off'} "
                 f"seq={self.seq}{pad}")
 
 
-def _c(setup: str, seq: int, ckpt: bool, attention: str, lora: str, pad_to: int = 0, compile: bool = False) -> Case:
-    return Case(setup, seq, ckpt, attention, lora, pad_to, compile)
+def _c(setup: str, seq: int, ckpt: bool, attention: str, lora: str, pad_to: int = 0, compile: bool = False,
+       base: str = "bf16") -> Case:
+    return Case(setup, seq, ckpt, attention, lora, pad_to, compile, base)
 
 
 # Priority order: the core rows first; rows expected to run out of memory on 80 GB last.
@@ -100,9 +104,15 @@ GRIDS: dict[str, list[Case]] = {
     "calib": [_c("ours", 8192, True, "auto", "preset", compile=True),
               _c("ours", 1024, False, "auto", "preset", compile=True),
               _c("hf", 8192, True, "flex_attention", "qkvo16")],
+    # Small cards (issue 10): the HF anchor, ours in bf16 and with MXFP4-resident experts at 4096, MXFP4 at 2048.
+    "small": [_c("hf", 4096, True, "flex_attention", "qkvo16"),
+              _c("ours", 4096, True, "auto", "preset", compile=True),
+              _c("ours", 4096, True, "auto", "preset", compile=True, base="mxfp4"),
+              _c("ours", 2048, True, "auto", "preset", compile=True, base="mxfp4"),
+              _c("ours", 4096, True, "auto", "preset", base="mxfp4")],
     # CPU smoke: tiny shapes (see SMOKE_SHAPE), eager only; checks that every code path runs.
     "smoke": [_c("ours", 64, True, "auto", "preset"), _c("hf", 64, False, "eager", "qkvo16"),
-              _c("ours", 40, True, "auto", "preset", pad_to=64)],
+              _c("ours", 40, True, "auto", "preset", pad_to=64), _c("ours", 64, True, "auto", "preset", base="mxfp4")],
 }
 SMOKE_SHAPE = dict(layers=2, experts=4, hidden=64, heads=4, kv_heads=2, head_dim=32)
 SMOKE_OVERRIDES = ["train.lora.expert_layers=[1]"]  # the preset's layers 7/15/23 do not exist in 2 layers
@@ -113,7 +123,7 @@ def train_config(case: Case, preset: str, extra: list[str]) -> TrainConfig:
     ckpt = str(case.checkpointing).lower()
     overrides = [f"train.data.max_length={case.length}", f"train.gradient_checkpointing={ckpt}",
                  f"train.attention={case.attention}", "train.deepspeed.enabled=false",
-                 "train.optim.micro_batch_size=1"]
+                 "train.optim.micro_batch_size=1", f"train.base_weights={case.base}"]
     if case.lora == "qkvo16":
         overrides += ["train.lora.r=16", "train.lora.alpha=32", "train.lora.expert_parameters=[]"]
     if case.compile:
@@ -125,7 +135,8 @@ def build(case: Case, cfg: TrainConfig, config: Any, device: str) -> tuple[Any, 
     on_gpu = device == "cuda"
     if case.setup == "ours":
         attention = choose_attention(cfg.attention, "gpt_oss", on_gpu)
-        return prepare_model(build_random_model(config, attention, device), cfg), attention
+        model = build_random_model(config, attention, device, base_weights=case.base)
+        return prepare_model(model, cfg), attention
     from peft import LoraConfig, get_peft_model
 
     model = build_random_model(config, case.attention, device)
@@ -217,8 +228,10 @@ def run_case(case: Case, cfg: TrainConfig, config: Any, device: str, warmup: int
 
 
 def predicted(cfg: TrainConfig, arch: Architecture, gpu_gib: float | None, on_gpu: bool,
-              hf_loss: bool) -> dict[str, Any]:
-    est = estimate(cfg, arch, gpu_gib, 1, on_gpu=on_gpu, search_fix=False, hf_loss=hf_loss)
+              plain_hf: bool) -> dict[str, Any]:
+    # The random model is MXFP4 exactly when the row asks for it (built in memory, no checkpoint to read).
+    arch = dataclasses.replace(arch, mxfp4_experts=cfg.base_weights == "mxfp4")
+    est = estimate(cfg, arch, gpu_gib, 1, on_gpu=on_gpu, search_fix=False, plain_hf=plain_hf)
     return {"est_peak_gib": round(est.peak_allocated_gib, 2), "est_total_gib": round(est.total_gib, 2),
             "est_peak_at": est.peak_at, "est_fits": est.fits, "est_trainable": est.trainable_params}
 
@@ -252,7 +265,7 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     for r in rows:
         err = r.get("est_err_pct")
         seq = f"{r['seq']} (pad {r['pad_to']})" if r.get("pad_to", 0) > 1 else str(r["seq"])
-        setup = r["setup"] + ("+compile" if r.get("compile") else "")
+        setup = r["setup"] + ("+compile" if r.get("compile") else "") + (" mxfp4" if r.get("base") == "mxfp4" else "")
         cells = [setup, r["lora"], r.get("attention_impl") or r["attention"],
                  "on" if r["checkpointing"] else "off", seq, _fmt(r.get("trainable_params"), ","),
                  _fmt(r.get("peak_gib"), ".2f"), _fmt(r.get("est_peak_gib"), ".2f"),
@@ -298,7 +311,8 @@ def main(argv: list[str] | None = None) -> int:
             "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"), "torch": torch.__version__,
             "transformers": transformers.__version__, "peft": peft.__version__, "grid": args.grid,
             "preset": args.preset, "overrides": extra, "warmup": args.warmup, "steps": args.steps,
-            "arch_is_builtin_20b": arch == BUILTIN_ARCHITECTURES["openai/gpt-oss-20b"]}
+            "arch_is_builtin_20b": dataclasses.replace(arch, mxfp4_experts=True)
+            == BUILTIN_ARCHITECTURES["openai/gpt-oss-20b"]}
     cases = GRIDS[args.grid]
     if args.only is not None:
         cases = [cases[i] for i in args.only]
@@ -311,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
     for case in cases:
         cfg = train_config(case, args.preset, extra if case.setup == "ours" else [])
         row = {**asdict(case), "name": case.name}
-        row.update(predicted(cfg, arch, gpu_gib, device == "cuda", hf_loss=case.setup == "hf"))
+        row.update(predicted(cfg, arch, gpu_gib, device == "cuda", plain_hf=case.setup == "hf"))
         if args.budget_s is not None and time.perf_counter() - t_start > args.budget_s:
             row["status"] = "skipped (time budget)"
         else:

@@ -7,6 +7,7 @@ rebuilt when a file is missing or its checksum does not match.
 
 Names usable wherever a model or dataset path is expected:
   demo:tiny-gpt-oss   GptOssForCausalLM, 2 layers (sliding + full), 4 experts, head_dim 32
+  demo:tiny-gpt-oss-mxfp4  the same shape in the released checkpoints' layout: MXFP4 experts (random codes)
   demo:tiny-dense     LlamaForCausalLM of the same width and tokenizer (vLLM's CPU build runs LoRA on it)
   demo:harmony        the shipped demo dataset (harmony `messages`, some rows with `thinking`)
 """
@@ -56,10 +57,12 @@ class TinyShape:
     experts: int = 4
     experts_per_token: int = 2
     intermediate_size: int = 64
+    mxfp4: bool = False  # experts stored as the released checkpoints store them (blocks + scales)
 
 
 DEMO_MODELS = {
     "tiny-gpt-oss": TinyShape("gpt_oss"),
+    "tiny-gpt-oss-mxfp4": TinyShape("gpt_oss", mxfp4=True),
     "tiny-dense": TinyShape("llama", intermediate_size=128),
 }
 DEMO_DATASETS = {"harmony": "demo_harmony.jsonl"}
@@ -179,6 +182,12 @@ def build_model(name: str, out_dir: Path, seed: int = 0) -> None:
 
     shape = DEMO_MODELS[name]
     config = _model_config(shape, harmony_special_tokens())
+    if shape.mxfp4:
+        from gptoss_webui.mxfp4 import write_random_checkpoint
+
+        write_random_checkpoint(config, out_dir, dtype=torch.float32, seed=seed)
+        build_tokenizer(out_dir)
+        return
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     with torch.no_grad():

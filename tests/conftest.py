@@ -23,3 +23,10 @@ def tiny_dense() -> Path:
     from gptoss_webui.demo import ensure_demo_model
 
     return ensure_demo_model("tiny-dense")
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt_oss_mxfp4() -> Path:
+    from gptoss_webui.demo import ensure_demo_model
+
+    return ensure_demo_model("tiny-gpt-oss-mxfp4")

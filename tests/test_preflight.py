@@ -79,3 +79,17 @@ def test_cli_prints_refusals_as_one_clear_error_without_a_traceback(tmp_path):
     assert proc.returncode == 2
     assert "error: unknown LoRA target module(s) ['nope']; this model's linear modules are:" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_visible_cards_are_the_ones_deepspeed_starts(monkeypatch, tmp_path):
+    """DeepSpeed drops CUDA_VISIBLE_DEVICES when --num_gpus is given; the command names the visible cards."""
+    from gptoss_webui.runs import Run
+    from gptoss_webui.train import launcher
+
+    cfg = load_recipe("gpt-oss-20b-1x24gb").train
+    monkeypatch.setattr(launcher, "_has_gpu", lambda: True)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,1")
+    cmd = launcher.deepspeed_command(Run(tmp_path), cfg)
+    assert cmd[1:3] == ["--include", "localhost:3"] and "--num_gpus" not in cmd
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert launcher.deepspeed_command(Run(tmp_path), cfg)[1:3] == ["--num_gpus", "1"]

@@ -14,11 +14,11 @@ from gptoss_webui.ui import train_tab  # noqa: E402  (needs gradio)
 
 
 def test_the_gate_refuses_what_does_not_fit_and_says_why(tmp_path):
-    recipe = load_preset("gpt-oss-20b-2x24gb", ["train.deepspeed.stage=2", "train.deepspeed.offload_params=false"])
+    recipe = load_preset("gpt-oss-20b-2x24gb", ["train.base_weights=bf16"])
     head, report, ok, reason, fix = train_tab.estimate_view(recipe, force=False, lang="en")
     assert not ok and "Does not fit" in head and "23.5 GiB" in head
     assert "Start is disabled" in reason and "Suggested fix" in head
-    assert "train.deepspeed.stage=3" in fix and "GPU memory" in report
+    assert "train.base_weights=mxfp4" in fix and "GPU memory" in report
     _, _, ok, reason, _ = train_tab.estimate_view(recipe, force=True, lang="zh")
     assert ok and reason == table("zh")["train.forced"]
     _, _, ok, _, fix = train_tab.estimate_view(load_preset("gpt-oss-20b-2x24gb"), force=False, lang="en")

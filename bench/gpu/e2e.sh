@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# End to end on the GPU host: the real CLI -> launcher -> supervise -> deepspeed (ZeRO-2, 1 GPU) -> worker,
-# with the gpt-oss-20b-1xh100 preset on a random-weight 20b checkpoint. Needs bench/gpu/setup.sh sourced.
+# End to end on the GPU host: the real CLI -> launcher -> supervise -> deepspeed -> worker, with a preset
+# (PRESET, default gpt-oss-20b-1xh100) on a random-weight checkpoint in the released layout (CKPT).
+# Needs bench/gpu/setup.sh sourced. Later --set values override the defaults below.
 #   NAME=e2e bash bench/gpu/e2e.sh [--set key=value ...]
 # Leaves two files in $OUT: $NAME.log (CLI output, status, files, train.log tail) and ${NAME}_events.jsonl.
 set -u
 NAME=${NAME:-e2e}
 OUT=${OUT:-/tmp/out}
-CKPT=${CKPT:-/tmp/gpt-oss-20b-random}  # about 39 GiB: local disk, not $OUT
+CKPT=${CKPT:-/tmp/gpt-oss-20b-random}  # 12.8 GiB: local disk, not $OUT
 RUNS=${RUNS:-/tmp/gptoss-runs}  # checkpoints stay here; only events and the log tail go to $OUT
 [ -f "$CKPT/config.json" ] || python3 -m bench.gpu.make_models 20b --tokenizer "$TOKENIZER" \
   --out "$CKPT" || exit 1
@@ -16,7 +17,7 @@ run="$RUNS/$NAME"
     tail -n 150 "$run/train.log" > "$OUT/$NAME.train_tail.log" 2>/dev/null; done ) &
 copier=$!
 left=$(( ${DEADLINE:-$(($(date +%s) + 450))} - $(date +%s) - 15 ))
-timeout "$left" python3 -m gptoss_webui train --config presets/gpt-oss-20b-1xh100.yaml \
+timeout "$left" python3 -m gptoss_webui train --config "presets/${PRESET:-gpt-oss-20b-1xh100}.yaml" \
   --set model="$CKPT" --set data.path=demo:harmony --set data.max_length=1024 --set optim.max_steps=6 \
   --set save_steps=3 --set runs_dir="$RUNS" --set run_name="$NAME" "$@" 2>&1 | tee "$OUT/$NAME.log"
 rc=${PIPESTATUS[0]}

@@ -2,12 +2,13 @@
 
     python -m bench.gpu.make_models tiny --tokenizer .gpu_carry/tokenizer     # demo:tiny-gpt-oss for the tests
     python -m bench.gpu.make_models 20b --tokenizer .gpu_carry/tokenizer --out /tmp/gpt-oss-20b-random
+    python -m bench.gpu.make_models 120b --tokenizer .gpu_carry/tokenizer --out /tmp/gpt-oss-120b-random
 
 `tiny` writes $GPTOSS_WORKSPACE/models/tiny-gpt-oss the way gptoss_webui.demo does (same config, seed and
 sinks), except that the tokenizer is copied instead of rebuilt: rebuilding needs the o200k ranks and
 openai-harmony, which the GPU image lacks. Its BUILD.json makes ensure_demo_model accept the folder.
-`20b` saves gpt-oss-20b's architecture with random bf16 weights (38.96 GiB of safetensors) for the
-end-to-end training run.
+`20b` and `120b` save the architecture with random weights in the released layout (MXFP4 experts,
+quantization_config; 12.8 and about 61 GiB) for the end-to-end runs.
 """
 
 from __future__ import annotations
@@ -20,7 +21,15 @@ from pathlib import Path
 
 import torch
 
-from bench.model import BOS_ID, EOS_ID, PAD_ID, TOKENIZER_FILES, save_random_checkpoint
+from bench.model import (
+    BOS_ID,
+    EOS_ID,
+    PAD_ID,
+    TOKENIZER_FILES,
+    gpt_oss_20b_config,
+    gpt_oss_120b_config,
+    save_random_checkpoint,
+)
 
 
 def make_tiny(tokenizer_dir: Path) -> Path:
@@ -48,7 +57,7 @@ def make_tiny(tokenizer_dir: Path) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=["tiny", "20b"])
+    parser.add_argument("what", choices=["tiny", "20b", "120b"])
     parser.add_argument("--tokenizer", type=Path, required=True, help="folder with " + ", ".join(TOKENIZER_FILES))
     parser.add_argument("--out", type=Path, help="20b: checkpoint folder")
     args = parser.parse_args(argv)
@@ -57,8 +66,9 @@ def main(argv: list[str] | None = None) -> int:
         path = make_tiny(args.tokenizer)
     else:
         if args.out is None:
-            parser.error("20b needs --out")
-        path = save_random_checkpoint(args.out, args.tokenizer)
+            parser.error(f"{args.what} needs --out")
+        config = gpt_oss_20b_config() if args.what == "20b" else gpt_oss_120b_config()
+        path = save_random_checkpoint(args.out, args.tokenizer, config)
     size = sum(p.stat().st_size for p in Path(path).iterdir()) / 2**30
     print(f"{args.what}: {path} ({size:.2f} GiB) in {time.perf_counter() - t0:.0f} s", flush=True)
     return 0

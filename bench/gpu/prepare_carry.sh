@@ -15,6 +15,8 @@ mkdir -p "$CARRY/wheels"
   -d "$CARRY/wheels" hjson==3.1.0 pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 \
   typing-inspection==0.4.5
 "$PY" -m pip download -q --no-deps --no-binary=:all: -d "$CARRY/wheels" deepspeed==0.19.8  # an sdist only
+# The image's peft is 0.21.0; requirements.txt pins 0.21.2 (pure Python).
+"$PY" -m pip download -q --no-deps --only-binary=:all: -d "$CARRY/wheels" peft==0.21.2
 
 # The o200k_harmony tokenizer of the embedded demo (built offline by `python -m gptoss_webui demo`) and the o200k
 # ranks that vLLM's harmony parser reads (TIKTOKEN_ENCODINGS_BASE), xz-compressed: 32 MB raw, about 5 MB packed.

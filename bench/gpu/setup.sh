@@ -15,6 +15,7 @@ if [ -f "$CARRY/tokenizer.tar.xz" ]; then
 fi
 python3 -m pip install -q --no-index --no-build-isolation --no-cache-dir --find-links "$CARRY/wheels" \
   deepspeed==0.19.8 pydantic==2.14.4 hjson
+python3 -m pip install -q --no-index --no-deps --no-cache-dir --find-links "$CARRY/wheels" peft==0.21.2
 # The launcher runs the `deepspeed` script that sits beside sys.executable; pip may have put it elsewhere.
 PYBIN=$(python3 -c 'import os, sys; print(os.path.dirname(sys.executable))')
 [ -x "$PYBIN/deepspeed" ] || ln -sf "$(command -v deepspeed)" "$PYBIN/deepspeed"

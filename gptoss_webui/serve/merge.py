@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
+import itertools
 import json
 import os
 import shutil
@@ -49,6 +50,7 @@ class MergeResult:
     ok: bool
     seconds: float
     reused: bool = False
+    experts: str = ""  # how the merged folder stores the experts, and why (see merge_adapter)
 
     def summary(self) -> str:
         if self.reused:
@@ -58,6 +60,8 @@ class MergeResult:
                 f"(logits up to {self.max_abs_logit:.1f}, tolerance {self.tolerance:.0e} relative, "
                 f"{self.dtype}; the adapter itself moves them by up to {self.adapter_effect:.2e}); "
                 f"{self.seconds:.0f} s")
+        if self.experts:
+            text += f"; experts stored as {self.experts}"
         if self.adapter_effect == 0.0:
             text += ". WARNING: the adapter does not change the model at all (untrained, or nothing merged)"
         return text
@@ -66,20 +70,36 @@ class MergeResult:
 # --- in the merge process -----------------------------------------------------------------------
 
 def _load_base(base: str, dtype_name: str):
+    """The base in plain transformers modules. MXFP4 experts are decoded by our loader: transformers 5.19 saves a
+    model it dequantized itself under broken expert names (`gate_up_proj$`), which nothing loads back."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from gptoss_webui.mxfp4 import is_mxfp4_config
+    from gptoss_webui.train.weights import assemble_model, decode_expert_tensors, read_safetensors
+
     dtype = getattr(torch, dtype_name)
     config = AutoConfig.from_pretrained(base)
-    kwargs = {}
-    quant = getattr(config, "quantization_config", None) or {}
-    method = quant.get("quant_method") if isinstance(quant, dict) else getattr(quant, "quant_method", None)
-    if method == "mxfp4":
-        # MXFP4 experts cannot take a LoRA delta: dequantize to bf16 (the merged copy is then bf16, ~2x size).
-        from transformers import Mxfp4Config
+    if is_mxfp4_config(config):
+        tensors = decode_expert_tensors(read_safetensors(Path(base)), dtype)
+        return assemble_model(config, tensors, dtype, "eager", source=base, grouped=False)
+    return AutoModelForCausalLM.from_pretrained(base, dtype=dtype)
 
-        kwargs["quantization_config"] = Mxfp4Config(dequantize=True)
-    return AutoModelForCausalLM.from_pretrained(base, dtype=dtype, **kwargs)
+
+def _save_keeping_mxfp4_experts(merged, base: str, out_dir: Path) -> None:
+    """The merged model with the base's own MXFP4 expert codes: the adapter left the experts untouched, so
+    they stay 4-bit on disk (12.8 GiB for gpt-oss-20b instead of 39) and vLLM serves them with its MXFP4 kernels."""
+    from gptoss_webui.mxfp4 import EXPERT_WEIGHTS, save_checkpoint
+    from gptoss_webui.train.weights import read_safetensors
+
+    codes = {k: v for k, v in read_safetensors(Path(base)).items() if k.endswith(("_blocks", "_scales"))}
+    plain = ((k, v) for k, v in merged.state_dict().items()
+             if not k.endswith(tuple(f".experts.{w}" for w in EXPERT_WEIGHTS)))
+    config = merged.config.to_dict()
+    config["quantization_config"] = json.loads((Path(base) / "config.json").read_text())["quantization_config"]
+    save_checkpoint(itertools.chain(plain, codes.items()), config, out_dir)
+    if merged.generation_config is not None:
+        merged.generation_config.save_pretrained(out_dir)
 
 
 def _probe_logits(model):
@@ -103,9 +123,10 @@ def _pick_dtype(base: str) -> str:
 def merge_adapter(base: str, adapter: str | Path, out_dir: str | Path,
                   dtype: str | None = None) -> MergeResult:
     """Merge in this process: load base+adapter, record probe logits, merge, save, reload, compare."""
-    import torch
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
+
+    from gptoss_webui.mxfp4 import is_mxfp4_config
 
     started = time.time()
     adapter, out_dir = Path(adapter), Path(out_dir)
@@ -115,16 +136,23 @@ def merge_adapter(base: str, adapter: str | Path, out_dir: str | Path,
     expected = _probe_logits(model)
     with model.disable_adapter():
         effect = float((_probe_logits(model) - expected).abs().max())
+    touches_experts = bool(model.peft_config["default"].target_parameters)
     merged = model.merge_and_unload()
     tmp = out_dir.with_name(f".{out_dir.name}.merging")
     shutil.rmtree(tmp, ignore_errors=True)
-    merged.save_pretrained(tmp, safe_serialization=True)
+    if is_mxfp4_config(json.loads((Path(base) / "config.json").read_text())) and not touches_experts:
+        _save_keeping_mxfp4_experts(merged, base, tmp)
+        experts = "MXFP4, the base's own codes (the adapter leaves the experts untouched)"
+    else:
+        merged.save_pretrained(tmp, safe_serialization=True)
+        experts = f"{dtype} (the adapter changes the experts, so they are stored merged)" if touches_experts \
+            else dtype
     del merged, model
     # The adapter folder carries the tokenizer (and chat template) the run trained with; else the base's.
     tok_src = adapter if (adapter / "tokenizer_config.json").is_file() else Path(base)
     AutoTokenizer.from_pretrained(str(tok_src)).save_pretrained(tmp)
 
-    reloaded = AutoModelForCausalLM.from_pretrained(str(tmp), dtype=getattr(torch, dtype))
+    reloaded = _load_base(str(tmp), dtype)  # as loaded for serving checks: MXFP4 experts decoded exactly
     got = _probe_logits(reloaded)
     del reloaded
     diff = float((got - expected).abs().max())
@@ -133,7 +161,7 @@ def merge_adapter(base: str, adapter: str | Path, out_dir: str | Path,
     result = MergeResult(out_dir=str(out_dir), base=base, adapter=str(adapter), dtype=dtype,
                          max_abs_diff=diff, max_abs_logit=scale, adapter_effect=effect, tolerance=tol,
                          ok=diff <= tol * max(1.0, scale),
-                         seconds=time.time() - started)
+                         seconds=time.time() - started, experts=experts)
     provenance = {**asdict(result), "adapter_digest": adapter_digest(adapter)}
     atomic_write_text(tmp / PROVENANCE_FILE, json.dumps(provenance, indent=1))
     if not result.ok:

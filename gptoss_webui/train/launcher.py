@@ -124,8 +124,12 @@ def world_size(cfg: TrainConfig) -> int:
 def deepspeed_command(run: Run, cfg: TrainConfig, resume_from: str | None = None) -> list[str]:
     launcher = str(Path(sys.executable).with_name("deepspeed"))
     cmd = [launcher]
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").strip()
     if cfg.hostfile:
         cmd += ["--hostfile", cfg.hostfile]
+    elif visible and _has_gpu():
+        # DeepSpeed ignores CUDA_VISIBLE_DEVICES once --num_gpus is given: name the visible cards instead.
+        cmd += ["--include", "localhost:" + ",".join(visible.split(",")[:world_size(cfg)])]
     else:
         cmd += ["--num_gpus", str(world_size(cfg))]
     cmd += ["--master_port", str(_free_port()), "--module", WORKER_MODULE, "--run", str(run.path)]

@@ -1,8 +1,9 @@
-"""Which LoRA targets a model offers, and the peft LoraConfig for the chosen ones.
+"""Which LoRA targets a model offers, and LoRA put on the chosen ones.
 
-Attention projections are nn.Linear modules (peft `target_modules`). gpt-oss experts are fused 3-D
-parameters (mlp.experts.gate_up_proj / down_proj), reached with peft's `target_parameters`; that path
-refuses dropout, which LoraConfig in gptoss_webui.config already checks.
+Attention projections are nn.Linear modules: peft's `target_modules`. gpt-oss experts are fused 3-D weights
+(mlp.experts.gate_up_proj / down_proj): `train/experts.py` trains their LoRA as low-rank products and keeps it in
+peft's `target_parameters` layout, so the saved adapter is what peft and vLLM load. That layout refuses dropout,
+which LoraConfig in gptoss_webui.config already checks.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any
 from torch import nn
 
 from gptoss_webui.config import ConfigError, LoraConfig
+from gptoss_webui.mxfp4 import EXPERT_WEIGHTS
 
 _LAYER = re.compile(r"\.layers\.(\d+)\.")
 
@@ -29,20 +31,30 @@ class Targets:
     layers: int
 
 
+def is_experts(module: nn.Module) -> bool:
+    """transformers' GptOssExperts, or ours that replaced it."""
+    from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts
+
+    from gptoss_webui.train.experts import GroupedExperts
+
+    return isinstance(module, (GptOssExperts, GroupedExperts))
+
+
 def find_targets(model: nn.Module) -> Targets:
-    linear = sorted({name.rsplit(".", 1)[-1] for name, mod in model.named_modules()
-                     if isinstance(mod, nn.Linear) and "lm_head" not in name})
-    experts: dict[str, list[str]] = {}
-    layers = set()
-    for name, param in model.named_parameters():
-        if m := _LAYER.search(name):
+    linear, experts, layers = set(), {}, set()
+    for name, mod in model.named_modules():
+        if m := _LAYER.search(name + "."):
             layers.add(int(m.group(1)))
-        if ".experts." in name and param.dim() == 3:
-            experts.setdefault(name.rsplit(".", 1)[-1], []).append(name)
-    return Targets(linear, experts, len(layers))
+        if isinstance(mod, nn.Linear) and "lm_head" not in name:
+            linear.add(name.rsplit(".", 1)[-1])
+        elif is_experts(mod):
+            for weight in EXPERT_WEIGHTS:
+                experts.setdefault(weight, []).append(f"{name}.{weight}")
+    return Targets(sorted(linear), experts, len(layers))
 
 
-def build_peft_config(cfg: LoraConfig, model: nn.Module) -> Any:
+def build_peft_config(cfg: LoraConfig, model: nn.Module) -> tuple[Any, list[str]]:
+    """peft's LoraConfig for the attention modules, and the full names of the expert weights to adapt."""
     from peft import LoraConfig as PeftLoraConfig
 
     targets = find_targets(model)
@@ -51,18 +63,39 @@ def build_peft_config(cfg: LoraConfig, model: nn.Module) -> Any:
         raise LoraTargetError(
             f"unknown LoRA target module(s) {unknown}; this model's linear modules are: "
             f"{', '.join(targets.modules) or '(none)'}")
-    target_parameters = _expert_parameter_names(cfg, targets)
-    if not cfg.target_modules and not target_parameters:
+    expert_names = _expert_parameter_names(cfg, targets)
+    if not cfg.target_modules and not expert_names:
         raise LoraTargetError("nothing to train: set lora.target_modules and/or lora.expert_parameters")
-    return PeftLoraConfig(
-        r=cfg.r,
-        lora_alpha=cfg.alpha,
-        lora_dropout=cfg.dropout,
-        target_modules=list(cfg.target_modules),
-        target_parameters=target_parameters or None,
-        bias="none",
-        task_type="CAUSAL_LM",
-    )
+    if not cfg.target_modules:
+        raise LoraTargetError("lora.target_modules is empty: LoRA needs at least one attention module "
+                              f"({', '.join(targets.modules) or 'none here'}); expert LoRA comes on top of it")
+    peft_config = PeftLoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
+                                 target_modules=list(cfg.target_modules), bias="none", task_type="CAUSAL_LM")
+    return peft_config, expert_names
+
+
+def apply_lora(model: nn.Module, cfg: LoraConfig):
+    """The PeftModel to train: peft LoRA on the attention modules, `train/experts.py` LoRA on the chosen experts
+    (every layer's experts become GroupedExperts), recorded as peft `target_parameters` for the saved adapter."""
+    from peft import get_peft_model
+
+    from gptoss_webui.train.experts import GroupedExperts, attach_expert_lora
+
+    for name, mod in list(model.named_modules()):
+        if is_experts(mod) and not isinstance(mod, GroupedExperts):
+            model.get_submodule(name.rsplit(".", 1)[0]).experts = GroupedExperts.from_transformers(mod)
+    peft_config, expert_names = build_peft_config(cfg, model)
+    peft_model = get_peft_model(model, peft_config)
+    by_module: dict[str, list[str]] = {}
+    for full in expert_names:
+        module_name, weight = full.rsplit(".", 1)
+        by_module.setdefault(module_name, []).append(weight)
+    base = peft_model.get_base_model()
+    for module_name, weights in by_module.items():
+        parent = base.get_submodule(module_name.rsplit(".", 1)[0])
+        parent.experts = attach_expert_lora(parent.experts, weights, cfg.r, cfg.alpha)
+    peft_model.peft_config["default"].target_parameters = expert_names or None
+    return peft_model
 
 
 def _expert_parameter_names(cfg: LoraConfig, targets: Targets) -> list[str]:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from gptoss_webui.config import ConfigError, LoraConfig, TrainConfig
+from gptoss_webui.mxfp4 import BYTES_PER_WEIGHT, choose_base_weights, is_mxfp4_config
 
 GIB = 2**30
 
@@ -39,11 +40,11 @@ EAGER_SAVED_SCORES = 1.0
 # size are alive (score gradients, softmax backward, the scaled scores): 4.24 in all, fitted on eager
 # 8192 with checkpointing (the only measured row where the recomputed layer, not the loss, sets the peak).
 EAGER_BACKWARD_SCORES = 3.25
-# Logits and loss, per element of batch x seq x vocab. Our loss (train/loss.py) keeps the logits and their
-# gradient in the model dtype, plus two fp32 slices of LOSS_SLICE_BYTES while it runs. transformers'
-# ForCausalLMLoss (the plain-HF baseline of bench/train.py, and GPU-STACK's rows) keeps the logits plus three
-# fp32 tensors (log_softmax output, its gradient, the logits' gradient): bf16 gives 2 + 12 = 14 bytes;
-# GPU-STACK's flex rows at 4096 and 8192 (checkpointing on) imply 14.04.
+# Logits and loss. Ours (train/loss.py) never holds the logits: one slice of rows at a time holds its logits in the
+# model dtype, their fp32 copy and the gradient cast back (LOSS_SLICE_BYTES is the fp32 slice), and the gradient of
+# the hidden states is kept. transformers' ForCausalLMLoss (the plain-HF baseline of bench/train.py, and GPU-STACK's
+# rows) keeps the logits plus three fp32 tensors (log_softmax output, its gradient, the logits' gradient): bf16 gives
+# 2 + 12 = 14 bytes per logit; GPU-STACK's flex rows at 4096 and 8192 (checkpointing on) imply 14.04.
 LOSS_SLICE_BYTES = 256 * 2**20
 LOGITS_FP32_TENSORS = 3
 # Not part of torch's allocated peak, but part of what the card must hold.
@@ -77,6 +78,7 @@ class Architecture:
     experts_per_token: int = 0
     attention_bias: bool = False
     tie_embeddings: bool = False
+    mxfp4_experts: bool = False  # the checkpoint stores the expert weights in MXFP4 (as gpt-oss is released)
 
     @classmethod
     def from_config_json(cls, cfg: dict[str, Any]) -> Architecture:
@@ -99,6 +101,7 @@ class Architecture:
                 if experts else 0,
                 attention_bias=bool(cfg.get("attention_bias", model_type == "gpt_oss")),
                 tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+                mxfp4_experts=is_mxfp4_config(cfg),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise EstimateError(f"config.json lacks or mangles a field the estimate needs: {exc}") from None
@@ -157,12 +160,14 @@ class Architecture:
 
     @property
     def expert_params_per_layer(self) -> int:
+        """The fused expert weights of one layer (biases not included: they stay in bf16)."""
         return sum(e * a * b for e, a, b in self.expert_shapes().values())
 
 
 # GPT-OSS-FACTS.md: gpt-oss-20b (24 layers, 32 experts) and gpt-oss-120b (36 layers, 128 experts).
 _GPT_OSS = dict(model_type="gpt_oss", hidden=2880, heads=64, kv_heads=8, head_dim=64, intermediate=2880,
-                vocab=201_088, experts_per_token=4, attention_bias=True, tie_embeddings=False)
+                vocab=201_088, experts_per_token=4, attention_bias=True, tie_embeddings=False,
+                mxfp4_experts=True)
 BUILTIN_ARCHITECTURES: dict[str, Architecture] = {
     "openai/gpt-oss-20b": Architecture(layers=24, experts=32, **_GPT_OSS),
     "openai/gpt-oss-120b": Architecture(layers=36, experts=128, **_GPT_OSS),
@@ -182,7 +187,7 @@ def _demo_architecture(name: str) -> Architecture:
         kv_heads=shape.kv_heads, head_dim=shape.head_dim, intermediate=shape.intermediate_size,
         vocab=VOCAB_SIZE, experts=shape.experts if moe else 0,
         experts_per_token=shape.experts_per_token if moe else 0,
-        attention_bias=moe, tie_embeddings=not moe)  # as demo._model_config builds them
+        attention_bias=moe, tie_embeddings=not moe, mxfp4_experts=shape.mxfp4)  # as demo builds them
 
 
 def _hub_cache_config(name: str) -> Path | None:
@@ -364,11 +369,11 @@ def loss_slice_rows(vocab: int) -> int:
 
 
 def estimate(train_cfg: TrainConfig, arch: Architecture, gpu_gib: float | None, world_size: int, *,
-             on_gpu: bool | None = None, search_fix: bool = True, hf_loss: bool = False) -> Estimate:
+             on_gpu: bool | None = None, search_fix: bool = True, plain_hf: bool = False) -> Estimate:
     """Per-GPU memory of train_cfg on `world_size` GPUs of `gpu_gib` each (None: nothing to judge against,
     fits=True). on_gpu decides what attention `auto` becomes (default: gpu_gib is not None); search_fix=False
-    skips the search for a fix when it does not fit. hf_loss: estimate transformers' own loss instead of
-    ours (for the plain-HF baseline that bench/train.py measures beside our setup)."""
+    skips the search for a fix when it does not fit. plain_hf: estimate plain transformers + peft instead of our
+    setup (its loss, its input embeddings on the GPU): the baseline that bench/train.py measures beside ours."""
     cfg, n = train_cfg, max(1, world_size)
     on_gpu = gpu_gib is not None if on_gpu is None else on_gpu
     p = DTYPE_BYTES[cfg.precision]
@@ -388,16 +393,30 @@ def estimate(train_cfg: TrainConfig, arch: Architecture, gpu_gib: float | None, 
     notes += lora.notes
     P = lora.total
 
-    # 1. base weights (FACTS 1): a full copy per GPU unless ZeRO-3 shards or offloads them.
-    weights_all = arch.total_params * p / GIB
+    # 1. base weights (FACTS 1): a full copy per GPU unless ZeRO-3 shards or offloads them; MXFP4-resident
+    # experts (train/weights.py) hold 4.25 bits a weight.
+    base_weights, fallback = choose_base_weights(cfg, arch.mxfp4_experts)
+    if fallback:
+        notes.append(fallback)
+    mxfp4 = base_weights == "mxfp4"
+    expert_weights = arch.layers * arch.expert_params_per_layer if mxfp4 else 0
+    weights_all = ((arch.total_params - expert_weights) * p + expert_weights * BYTES_PER_WEIGHT) / GIB
+    # The frozen input embeddings stay in CPU memory (train/weights.py), except under ZeRO-3, which shards them.
+    embeddings_on_cpu = stage != 3 and not plain_hf
+    if embeddings_on_cpu:
+        weights_all -= arch.embedding_params * p / GIB
     live = min(arch.total_params, ZERO3_LIVE_LAYERS * max(arch.layer_params, arch.embedding_params)) * p / GIB
     terms = []
     if offload_params:
         terms.append(Term("base weights", 0.0, f"{weights_all:.2f} GiB in CPU memory (ZeRO-3 offload)"))
     elif stage == 3:
         terms.append(Term("base weights", weights_all / n, f"{weights_all:.2f} GiB sharded over {n} GPUs"))
+    elif mxfp4:
+        terms.append(Term("base weights", weights_all, f"experts MXFP4 ({expert_weights * BYTES_PER_WEIGHT / GIB:.2f} "
+                          f"GiB), the rest {cfg.precision}; input embeddings in CPU memory; a copy on every GPU"))
     else:
-        terms.append(Term("base weights", weights_all, f"{cfg.precision}, a full copy on every GPU"))
+        terms.append(Term("base weights", weights_all, f"{cfg.precision}; input embeddings in CPU memory; a full "
+                          "copy on every GPU"))
     if stage == 3:
         terms.append(Term("ZeRO-3 gathered layers", live, f"about {ZERO3_LIVE_LAYERS} layers materialised"))
 
@@ -411,34 +430,35 @@ def estimate(train_cfg: TrainConfig, arch: Architecture, gpu_gib: float | None, 
     # 3-5. activations, the layer in backward, logits: peak = max(loss, one layer's backward).
     per_layer = _layer_saved_bytes_per_token(arch, p) * tokens
     scores = b * arch.heads * s * (s + 1) * p if quadratic else 0.0  # one [b, heads, s, s+1] tensor
-    expert_w = arch.expert_params_per_layer * p if lora.expert_layers else 0  # W + scale*B@A, per layer
-    expert_grad = max((e * a * o for e, a, o in arch.expert_shapes().values()), default=0) * p \
-        if lora.expert_layers else 0  # gradient of the largest merged expert weight
+    # MXFP4: one fused expert weight decoded at a time (train/experts.py). Expert LoRA adds only rank-sized
+    # activations: it never builds W + B.A.
+    decoded = max((e * a * o for e, a, o in arch.expert_shapes().values()), default=0) * p if mxfp4 else 0
     final = tokens * arch.hidden * (RMSNORM_SAVED_BYTES + p)  # final norm + lm_head input
     if cfg.gradient_checkpointing:
         saved = arch.layers * tokens * arch.hidden * p + final
         saved_detail = f"checkpoints: {arch.layers} layers x {b} x {s} x {arch.hidden} x {p} B"
-        layer = per_layer + (EAGER_SAVED_SCORES + EAGER_BACKWARD_SCORES) * scores + expert_w + expert_grad
+        layer = per_layer + (EAGER_SAVED_SCORES + EAGER_BACKWARD_SCORES) * scores + decoded
         layer_name = "recomputed layer"
     else:
-        saved = arch.layers * (per_layer + EAGER_SAVED_SCORES * scores) + final \
-            + len(lora.expert_layers) * expert_w
+        saved = arch.layers * (per_layer + EAGER_SAVED_SCORES * scores) + final
         saved_detail = f"all {arch.layers} layers kept (no checkpointing)"
-        layer = EAGER_BACKWARD_SCORES * scores + expert_grad
+        layer = EAGER_BACKWARD_SCORES * scores + decoded
         layer_name = "backward of one layer"
     if not quadratic:  # flex: gradients of q, k, v and the output, one more copy of them
         layer += p * (2 * arch.q_dim + 2 * arch.kv_dim) * tokens
     n_scores = EAGER_BACKWARD_SCORES + (EAGER_SAVED_SCORES if cfg.gradient_checkpointing else 0)
     layer_detail = (f"eager scores: {n_scores:g} x {b} x {arch.heads} x {s}^2 x {p} B" if quadratic
                     else f"{attention}: linear in seq")
-    if expert_w:
-        layer_detail += f"; expert LoRA merged weights {(expert_w + expert_grad) / GIB:.2f} GiB"
-    if hf_loss:
+    if decoded:
+        layer_detail += f"; one expert weight decoded from MXFP4 {decoded / GIB:.2f} GiB"
+    if plain_hf:
         logits = tokens * arch.vocab * (p + 4 * LOGITS_FP32_TENSORS)
         logits_detail = f"{b} x {s} x {arch.vocab:,} x ({p}+{4 * LOGITS_FP32_TENSORS}) B (transformers' loss)"
     else:
-        logits = tokens * arch.vocab * 2 * p + 2 * min(tokens, loss_slice_rows(arch.vocab)) * arch.vocab * 4
-        logits_detail = f"{b} x {s} x {arch.vocab:,} x (2 x {p}) B + two fp32 slices"
+        rows = min(tokens, loss_slice_rows(arch.vocab))
+        logits = rows * arch.vocab * (4 + 2 * p) + tokens * arch.hidden * p
+        logits_detail = (f"never whole: {rows} rows x {arch.vocab:,} x (4 + 2 x {p}) B at a time + the hidden "
+                         f"states' gradient")
     loss_peak = logits >= layer
     terms.append(Term("saved activations", saved / GIB, saved_detail))
     terms.append(Term("logits + loss", logits / GIB, logits_detail, counted=loss_peak))
@@ -488,6 +508,8 @@ def _steps(cfg: TrainConfig, arch: Architecture, n: int, on_gpu: bool) -> list[l
     """Changes in the order of what they cost (speed, data, hardware); each step's alternatives go from
     mild to strong."""
     ds, steps = cfg.deepspeed, []
+    if arch.mxfp4_experts and cfg.base_weights == "bf16":  # no cost: the released weights, as fast or faster
+        steps.append([_Change("keep the experts in MXFP4 (base_weights bf16 -> mxfp4)", {"base_weights": "mxfp4"})])
     if not cfg.gradient_checkpointing:
         steps.append([_Change("turn on gradient checkpointing", {"gradient_checkpointing": True})])
     if on_gpu and arch.model_type == "gpt_oss" and cfg.attention == "eager":

@@ -144,59 +144,45 @@ class ProgressCallback(TrainerCallback):
 
 
 def load_model(model_path: str, model_config, cfg: TrainConfig, attention: str):
-    """Load the base weights for training (MXFP4 dequantized to bf16), then `prepare_model`."""
-    from transformers import AutoModelForCausalLM
+    """Load the base weights for training (train/weights.py decides bf16 or MXFP4-resident experts), then
+    `prepare_model`. Returns (model, base weights used, the reason for a fallback or "")."""
+    from gptoss_webui.train.weights import load_base_model
 
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[cfg.precision]
-    kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": attention, "use_cache": False}
-    quant = getattr(model_config, "quantization_config", None) or {}
-    method = quant.get("quant_method") if isinstance(quant, dict) else getattr(quant, "quant_method", None)
-    if method == "mxfp4":
-        # MXFP4 weights are not trainable: dequantize them to bf16 on load.
-        from transformers import Mxfp4Config
-
-        kwargs["quantization_config"] = Mxfp4Config(dequantize=True)
-    return prepare_model(AutoModelForCausalLM.from_pretrained(model_path, **kwargs), cfg)
+    model, base_weights, note = load_base_model(model_path, model_config, cfg, attention)
+    return prepare_model(model, cfg), base_weights, note
 
 
 def prepare_model(model, cfg: TrainConfig):
     """Loss, gradient checkpointing, ZeRO-3 leaf modules, LoRA and compilation on a loaded model (shared
     with bench/train.py)."""
-    from peft import get_peft_model
+    from gptoss_webui.train.lora import apply_lora
+    from gptoss_webui.train.loss import install_fused_loss
+    from gptoss_webui.train.weights import CpuEmbedding
 
-    from gptoss_webui.train.lora import build_peft_config
-    from gptoss_webui.train.loss import causal_lm_loss
+    install_fused_loss(model)
+    if cfg.deepspeed.enabled and cfg.deepspeed.stage == 3:
+        if model.config.model_type == "gpt_oss":
+            # Ranks routing tokens to different experts must still gather the same parameters.
+            from deepspeed.utils import set_z3_leaf_modules
 
-    model.loss_function = causal_lm_loss
-    if model.config.model_type == "gpt_oss" and cfg.deepspeed.enabled and cfg.deepspeed.stage == 3:
-        # Ranks routing tokens to different experts must still gather the same parameters.
-        from deepspeed.utils import set_z3_leaf_modules
-
-        set_z3_leaf_modules(model, [type(model.model.layers[0].mlp)])
+            set_z3_leaf_modules(model, [type(model.model.layers[0].mlp)])
+    else:  # ZeRO-3 shards the embeddings instead
+        model.set_input_embeddings(CpuEmbedding(model.get_input_embeddings()))
     if cfg.gradient_checkpointing:
         model.config.use_cache = False
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model = get_peft_model(model, build_peft_config(cfg.lora, model))
+    model = apply_lora(model, cfg.lora)
     if cfg.compile:
         compile_layers(model)
     return model
 
 
 def compile_layers(model) -> None:
-    """torch.compile every decoder layer in place; checkpointing then recomputes the compiled layer.
-
-    A layer whose experts carry LoRA compiles only its attention: peft's ParamWrapper registers a
-    parametrization on every call, which dynamo cannot trace.
-    """
-    from peft.tuners.lora.layer import ParamWrapper
-
+    """torch.compile every decoder layer in place; checkpointing then recomputes the compiled layer."""
     # Sliding and full-attention layers, and each new sequence length, are separate graphs.
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     for layer in model.get_base_model().model.layers:
-        if any(isinstance(m, ParamWrapper) for m in layer.modules()):
-            layer.self_attn.compile()
-        else:
-            layer.compile()
+        layer.compile()
 
 
 class LoraFinetune:
@@ -229,7 +215,16 @@ class LoraFinetune:
         self.attention = choose_attention(cfg.attention, model_config.model_type, torch.cuda.is_available())
         # TrainingArguments first: under ZeRO-3 it makes from_pretrained load the weights already sharded.
         args = self._training_args()
-        model = load_model(self.model_path, model_config, cfg, self.attention)
+        if cfg.deepspeed.enabled:
+            # On the CPU, accelerate starts torch.distributed but not DeepSpeed's comm layer; ZeRO-3's zero.Init
+            # (inside from_pretrained) would then see world size 1. This adopts the running group (a no-op on GPUs).
+            import deepspeed
+
+            deepspeed.init_distributed()
+        model, self.base_weights, note = load_model(self.model_path, model_config, cfg, self.attention)
+        if note and self.rank == 0:
+            print(f"note: {note}", flush=True)
+        self.base_weights_note = note
         self.model = model
         self.trainer = Trainer(
             model=model,
@@ -276,6 +271,7 @@ class LoraFinetune:
             data_seed=o.seed,
             report_to=[],
             include_num_input_tokens_seen="non_padding",  # real tokens, not the padding
+            prediction_loss_only=True,  # eval reports the loss; train/loss.py returns no logits
             remove_unused_columns=False,
             dataloader_num_workers=0,
             disable_tqdm=True,
@@ -289,7 +285,8 @@ class LoraFinetune:
             "world_size": self.world_size, "model": cfg.model, "trainable_params": trainable,
             "total_params": total, "attention": self.attention, "data_format": self.data.format,
             "train_examples": len(self.data.train), "validation_examples": len(self.data.validation),
-            "truncated_examples": self.data.truncated,
+            "truncated_examples": self.data.truncated, "base_weights": self.base_weights,
+            "base_weights_note": self.base_weights_note,
             "config": {"lora_r": cfg.lora.r, "lr": cfg.optim.learning_rate, "precision": cfg.precision,
                        "zero_stage": cfg.deepspeed.stage if cfg.deepspeed.enabled else None,
                        "gradient_checkpointing": cfg.gradient_checkpointing, "compile": cfg.compile,

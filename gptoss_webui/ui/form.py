@@ -80,6 +80,7 @@ FIELDS: list[FormField] = [
     _F("train.deepspeed.offload_optimizer", "train.offload_optimizer", "check", group="memory"),
     _F("train.deepspeed.offload_params", "train.offload_params", "check", group="memory"),
     _F("train.precision", "train.precision", "dropdown", ("bf16", "fp32", "fp16"), "memory"),
+    _F("train.base_weights", "train.base_weights", "radio", ("mxfp4", "bf16"), "memory"),
     _F("train.attention", "train.attention", "dropdown",
        ("auto", "eager", "flex_attention", "sdpa", "flash_attention_2"), "memory"),
     _F("train.optim.micro_batch_size", "train.micro_batch", "int", group="schedule"),
@@ -188,8 +189,10 @@ def workspace_choices(kind: str) -> list[str]:
     root = workspace_dir()
     if kind == "model":
         found = sorted(str(p) for p in (root / "models").glob("*") if (p / "config.json").is_file())
-        demo = ["demo:tiny-gpt-oss", "demo:tiny-dense"]
-        return demo + [p for p in found if not p.endswith(("/tiny-gpt-oss", "/tiny-dense"))]
+        from gptoss_webui.demo import DEMO_MODELS
+
+        return [f"demo:{n}" for n in DEMO_MODELS] + [p for p in found
+                                                      if p.rsplit("/", 1)[-1] not in DEMO_MODELS]
     suffixes = (".jsonl", ".json", ".csv", ".parquet")
     found = sorted(str(p) for p in (root / "data").rglob("*") if p.suffix in suffixes)
     return ["demo:harmony", *found]

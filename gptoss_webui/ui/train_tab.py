@@ -166,7 +166,7 @@ def build(L: Localizer, lang: gr.Radio, runs_dir: str) -> TrainTab:  # noqa: C90
         with gr.Row():
             place("train.checkpointing", "train.ds_stage", "train.offload_optimizer", "train.offload_params")
         with gr.Row():
-            place("train.precision", "train.attention", "train.compile")
+            place("train.precision", "train.base_weights", "train.attention", "train.compile")
     with L.accordion("train.group.schedule", open=True):
         with gr.Row():
             place("train.micro_batch", "train.grad_accum", "train.lr")

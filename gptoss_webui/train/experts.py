@@ -1,0 +1,196 @@
+"""gpt-oss's experts for LoRA training: frozen weights in bf16 or MXFP4, LoRA as low-rank products.
+
+`GroupedExperts` replaces transformers' GptOssExperts in every layer. Tokens are sorted by expert and each
+projection is one grouped matmul (torch's grouped GEMM on a GPU). The frozen weight is either a bf16 tensor or
+the checkpoint's MXFP4 blocks and scales, decoded just in time: in the forward pass, in the recomputation under
+gradient checkpointing, and in the backward pass, one weight at a time (`_FrozenGroupedMatmul`). A decoded copy
+never outlives its matmul: gpt-oss-20b holds at most one gate_up_proj in bf16 (0.99 GiB) instead of 39 GiB.
+
+Expert LoRA computes y = x W + s (x A) B per expert, never W + s B A: no expert-sized copies, no expert-sized
+weight gradient. `ExpertLoraFactors` holds A and B in peft's ParamWrapper layout (the same module nesting,
+`lora_A`/`lora_B` dicts keyed by adapter name, the same shapes), so that peft saves, loads and merges the adapter,
+and vLLM hot-loads it, exactly as an adapter trained with peft's own wrapper.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import torch
+import torch.nn.functional as F
+from peft.tuners.tuners_utils import BaseTunerLayer
+from torch import nn
+
+from gptoss_webui.mxfp4 import EXPERT_WEIGHTS, decode
+
+ADAPTER = "default"  # peft's adapter name, part of every saved key
+_GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+_ALIGN = 8  # grouped GEMM needs 16-byte aligned rows: the LoRA rank is padded to 8 bf16 values
+
+
+def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """Rows of x sorted by group, w [G, in, out], offs = cumulative row counts -> [rows, out].
+
+    torch's grouped GEMM on a GPU in bf16; elsewhere (the CPU, where its backward is missing) one matmul a group.
+    """
+    if x.is_cuda and w.dtype == torch.bfloat16 and _GROUPED_MM is not None:
+        return _GROUPED_MM(x, w, offs=offs)
+    bounds = itertools.pairwise([0, *offs.tolist()])
+    return torch.cat([x[a:b] @ w[g] for g, (a, b) in enumerate(bounds)])
+
+
+def _frozen_weight(weight: torch.Tensor, scales: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """[G, out, in]: decoded from MXFP4 codes (scales given), else a view of the bf16 [G, in, out] weight."""
+    return decode(weight, scales, dtype) if scales is not None else weight.transpose(1, 2)
+
+
+class _FrozenGroupedMatmul(torch.autograd.Function):
+    """x @ W per group for a frozen W that is MXFP4 (decoded on use) or bf16. Only the codes are saved for the
+    backward, which decodes again: memory holds one decoded weight at a time, at the price of a third decode
+    per step (forward, recomputation, backward)."""
+
+    @staticmethod
+    def forward(ctx, x, offs, weight, scales):
+        ctx.save_for_backward(offs, weight, scales)
+        return grouped_mm(x, _frozen_weight(weight, scales, x.dtype).transpose(1, 2), offs)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None
+        offs, weight, scales = ctx.saved_tensors
+        w = _frozen_weight(weight, scales, grad_y.dtype).to(grad_y.dtype)
+        return grouped_mm(grad_y.contiguous(), w, offs), None, None, None
+
+
+class GroupedExperts(nn.Module):
+    """One layer's experts: frozen weights and biases, sorted-token grouped matmuls, optional LoRA factors.
+
+    Weights: `gate_up_proj` [E, hidden, 2 x inter] and `down_proj` [E, inter, hidden] as frozen bf16 parameters
+    (transformers' layout), or `<name>_blocks`/`<name>_scales` MXFP4 buffers (the checkpoint's layout). The
+    buffers are not persistent: the base model is never part of a training checkpoint.
+    """
+
+    def __init__(self, experts: nn.Module) -> None:
+        """Sizes and SwiGLU constants from a transformers GptOssExperts (real or on the meta device)."""
+        super().__init__()
+        self.num_experts, self.hidden_size = experts.num_experts, experts.hidden_size
+        self.intermediate_size = experts.intermediate_size
+        self.alpha, self.limit = experts.alpha, experts.limit  # clamped SwiGLU
+        self.mxfp4 = False
+
+    @classmethod
+    def from_transformers(cls, experts: nn.Module) -> GroupedExperts:
+        """Take over a GptOssExperts' bf16 weights: the same Parameter objects (no copy; under ZeRO-3 they stay
+        the partitioned parameters DeepSpeed knows)."""
+        new = cls(experts)
+        for name in (*EXPERT_WEIGHTS, *(f"{n}_bias" for n in EXPERT_WEIGHTS)):
+            new.register_parameter(name, getattr(experts, name).requires_grad_(False))
+        return new
+
+    @classmethod
+    def from_mxfp4(cls, experts: nn.Module, tensors: dict[str, torch.Tensor]) -> GroupedExperts:
+        """From one layer's checkpoint tensors: <weight>_blocks, <weight>_scales, <weight>_bias."""
+        new = cls(experts)
+        new.mxfp4 = True
+        for name in EXPERT_WEIGHTS:
+            new.register_buffer(f"{name}_blocks", tensors[f"{name}_blocks"], persistent=False)
+            new.register_buffer(f"{name}_scales", tensors[f"{name}_scales"], persistent=False)
+            new.register_parameter(f"{name}_bias", nn.Parameter(tensors[f"{name}_bias"], requires_grad=False))
+        return new
+
+    @property
+    def device(self) -> torch.device:
+        return self.down_proj_bias.device
+
+    def shape(self, name: str) -> tuple[int, int, int]:
+        """[experts, in, out] of a fused weight, as peft's ParamWrapper sees it."""
+        e, h, i = self.num_experts, self.hidden_size, self.intermediate_size
+        return (e, h, 2 * i) if name == "gate_up_proj" else (e, i, h)
+
+    def _apply_gate(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """gpt-oss's clamped SwiGLU on interleaved (gate, up) columns, as GptOssExperts computes it."""
+        gate, up = gate_up[..., ::2], gate_up[..., 1::2]
+        gate = gate.clamp(max=self.limit)
+        up = up.clamp(min=-self.limit, max=self.limit)
+        return (up + 1) * gate * torch.sigmoid(gate * self.alpha)
+
+    def _project(self, name: str, x: torch.Tensor, offs: torch.Tensor, expert_of: torch.Tensor,
+                 lora: dict[str, tuple[torch.Tensor, torch.Tensor, float]]) -> torch.Tensor:
+        if self.mxfp4:
+            weight, scales = getattr(self, f"{name}_blocks"), getattr(self, f"{name}_scales")
+        else:
+            weight, scales = getattr(self, name), None
+        y = _FrozenGroupedMatmul.apply(x, offs, weight, scales)
+        if name in lora:  # row-major copies in x's dtype: the grouped GEMM wants a unit stride (they are small)
+            a, b, scaling = lora[name]
+            a, b = a.to(x.dtype).contiguous(), b.to(x.dtype).contiguous()
+            y = y + scaling * grouped_mm(grouped_mm(x, a, offs), b, offs)
+        return y + getattr(self, f"{name}_bias")[expert_of].to(y.dtype)
+
+    def forward(self, hidden_states: torch.Tensor, router_indices: torch.Tensor, routing_weights: torch.Tensor,
+                lora: dict[str, tuple[torch.Tensor, torch.Tensor, float]] | None = None) -> torch.Tensor:
+        tokens, top_k = router_indices.shape
+        flat = router_indices.reshape(-1)
+        expert_of, order = torch.sort(flat, stable=True)
+        x = hidden_states[order // top_k]
+        # histc, not bincount: a fixed output size keeps torch.compile's graph whole.
+        counts = torch.histc(flat.float() if flat.device.type == "cpu" else flat.int(), bins=self.num_experts,
+                             min=0, max=self.num_experts - 1)
+        offs = torch.cumsum(counts, 0).to(torch.int32)
+        lora = lora or {}
+        h = self._apply_gate(self._project("gate_up_proj", x, offs, expert_of, lora))
+        y = self._project("down_proj", h, offs, expert_of, lora)
+        y = y * routing_weights.reshape(-1)[order, None].to(y.dtype)
+        unsorted = torch.empty_like(y).index_copy_(0, order, y)
+        return unsorted.view(tokens, top_k, -1).sum(dim=1).to(hidden_states.dtype)
+
+
+class ExpertLoraFactors(nn.Module, BaseTunerLayer):
+    """The LoRA of one fused expert weight, laid out as peft's ParamWrapper: `lora_A[adapter]` = Linear(in, r*E),
+    `lora_B[adapter]` = Linear(r*E, out), and the next wrapper (or the experts) as `base_layer`. peft nests one
+    wrapper per targeted weight, the first weight of the module (gate_up_proj) innermost. As a peft tuner layer,
+    peft's save and load see its weights as the adapter's."""
+
+    adapter_layer_names = ("lora_A", "lora_B")
+
+    def __init__(self, base_layer: nn.Module, parameter_name: str, r: int, alpha: float) -> None:
+        super().__init__()
+        experts = base_layer
+        while isinstance(experts, ExpertLoraFactors):
+            experts = experts.base_layer
+        self.base_layer, self.parameter_name = base_layer, parameter_name
+        self.num_experts, in_features, out_features = experts.shape(parameter_name)
+        self.r, self.scaling = r, alpha / r
+        device = experts.device
+        self.lora_A = nn.ModuleDict({ADAPTER: nn.Linear(in_features, r * self.num_experts, bias=False,
+                                                        device=device)})
+        self.lora_B = nn.ModuleDict({ADAPTER: nn.Linear(r * self.num_experts, out_features, bias=False,
+                                                        device=device)})
+        # peft's default init: A as nn.Linear (Kaiming uniform, a=sqrt(5)), B zero, so training starts at the base.
+        nn.init.kaiming_uniform_(self.lora_A[ADAPTER].weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B[ADAPTER].weight)
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """(A [E, in, r'], B [E, r', out], scaling): delta W_e = scaling * A_e @ B_e (peft's get_delta_weight),
+        the rank zero-padded to r' (a multiple of 8) for the grouped GEMM."""
+        e, r = self.num_experts, self.r
+        a = self.lora_A[ADAPTER].weight.view(e, r, -1).transpose(1, 2)
+        b = self.lora_B[ADAPTER].weight.view(-1, r, e).permute(2, 1, 0)
+        pad = -r % _ALIGN
+        if pad and a.is_cuda:
+            a, b = F.pad(a, (0, pad)), F.pad(b, (0, 0, 0, pad))
+        return a, b, self.scaling
+
+    def forward(self, hidden_states, router_indices, routing_weights, lora=None):
+        return self.base_layer(hidden_states, router_indices, routing_weights,
+                               {**(lora or {}), self.parameter_name: self.factors()})
+
+
+def attach_expert_lora(experts: GroupedExperts, names: list[str], r: int, alpha: float) -> nn.Module:
+    """Wrap a layer's experts with LoRA on `names`, nested in peft's order (the module's weight order)."""
+    module: nn.Module = experts
+    for name in (n for n in EXPERT_WEIGHTS if n in names):
+        module = ExpertLoraFactors(module, name, r, alpha)
+    return module

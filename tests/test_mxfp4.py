@@ -1,0 +1,198 @@
+"""MXFP4-resident experts and expert LoRA as low-rank products (train/experts.py, train/weights.py, mxfp4.py).
+
+On the tiny gpt-oss in its MXFP4 layout (demo:tiny-gpt-oss-mxfp4), in fp32 on the CPU:
+- the decode equals transformers' reference decode, bit for bit;
+- the MXFP4 path equals the bf16 path built from transformers' dequantized weights: logits, every LoRA gradient
+  and 20 steps of AdamW losses, to 1e-6 relative (both run the same grouped code on the same decoded values);
+- the adapter it saves is peft's: peft loads it onto transformers' model (peft's own ParamWrapper), gives the
+  same logits, and merge_and_unload gives them too;
+- bad checkpoints are refused or fall back with one line.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from gptoss_webui.config import ConfigError, TrainConfig
+from gptoss_webui.mxfp4 import choose_base_weights, decode, random_experts
+from gptoss_webui.train.weights import load_base_model
+from gptoss_webui.train.worker import load_model
+
+EXPERT_LORA = {"expert_layers": "all"}
+
+
+def _model(path, base_weights: str, seed: int = 0, **train):
+    cfg = TrainConfig.model_validate({"precision": "fp32", "base_weights": base_weights, "lora": EXPERT_LORA,
+                                      **train})
+    torch.manual_seed(seed)  # the same LoRA init in every model built with the same seed
+    model, used, note = load_model(str(path), None, cfg, "eager")
+    with torch.no_grad():  # lora_B starts at zero: give it values, so the LoRA terms count
+        gen = torch.Generator().manual_seed(seed + 1)
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.05)
+    return model, used, note
+
+
+def _batch(seed: int = 1):
+    return torch.randint(0, 5000, (2, 48), generator=torch.Generator().manual_seed(seed))
+
+
+def test_decode_equals_transformers_reference():
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    blocks, scales = random_experts(3, 64, 96, generator=torch.Generator().manual_seed(0))
+    scales = scales + torch.randint(-20, 20, scales.shape, generator=torch.Generator().manual_seed(1)).to(torch.uint8)
+    for dtype in (torch.float32, torch.bfloat16):
+        ours = decode(blocks, scales, dtype)
+        ref = convert_moe_packed_tensors(blocks, scales, dtype=dtype)  # [E, cols, rows]
+        assert ours.shape == (3, 64, 96)
+        assert torch.equal(ours.transpose(1, 2), ref)
+
+
+def test_mxfp4_path_equals_bf16_path(tiny_gpt_oss_mxfp4):
+    ids = _batch()
+    runs = {}
+    for base in ("mxfp4", "bf16"):
+        model, used, note = _model(tiny_gpt_oss_mxfp4, base)
+        assert (used, note) == (base, "")
+        experts = model.get_base_model().model.layers[0].mlp.experts.base_layer.base_layer
+        assert experts.mxfp4 == (base == "mxfp4")
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        assert any(".mlp.experts.base_layer.lora_A" in n for n in grads)  # expert LoRA is trained
+        with torch.no_grad():
+            runs[base] = model(input_ids=ids).logits, grads, loss.detach()
+    (logits_m, grads_m, loss_m), (logits_b, grads_b, loss_b) = runs["mxfp4"], runs["bf16"]
+    assert torch.allclose(logits_m, logits_b, rtol=1e-6, atol=1e-6)
+    assert torch.allclose(loss_m, loss_b, rtol=1e-6)
+    assert grads_m.keys() == grads_b.keys()
+    for name in grads_m:
+        assert torch.allclose(grads_m[name], grads_b[name], rtol=1e-6, atol=1e-7), name
+
+
+def test_twenty_steps_of_losses_agree(tiny_gpt_oss_mxfp4):
+    losses = {}
+    for base in ("mxfp4", "bf16"):
+        model, _, _ = _model(tiny_gpt_oss_mxfp4, base, gradient_checkpointing=True)
+        model.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        losses[base] = []
+        for step in range(20):
+            ids = _batch(100 + step % 2)  # two batches, seen ten times each: the loss must fall
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            losses[base].append(loss.item())
+    assert losses["mxfp4"][-1] < losses["mxfp4"][0] - 0.1  # it learns
+    assert losses["mxfp4"] == pytest.approx(losses["bf16"], rel=1e-5)
+
+
+def test_saved_adapter_is_peft_layout_loads_and_merges(tiny_gpt_oss_mxfp4, tmp_path):
+    """Save from the MXFP4 path; peft loads it on transformers' model (its own ParamWrapper) and merges it."""
+    from peft import PeftModel
+
+    ids = _batch()
+    model, _, _ = _model(tiny_gpt_oss_mxfp4, "mxfp4")
+    model.eval()
+    with torch.no_grad():
+        ours = model(input_ids=ids).logits
+    model.save_pretrained(tmp_path / "adapter")
+    saved = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert sorted(config["target_parameters"]) == sorted(
+        f"model.layers.{i}.mlp.experts.{w}" for i in (0, 1) for w in ("gate_up_proj", "down_proj"))
+    assert "base_model.model.model.layers.1.mlp.experts.base_layer.lora_A.weight" in saved  # gate_up (inner)
+    assert "base_model.model.model.layers.1.mlp.experts.lora_B.weight" in saved  # down_proj (outer)
+
+    from transformers import Mxfp4Config
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_gpt_oss_mxfp4, quantization_config=Mxfp4Config(dequantize=True))
+    peft_model = PeftModel.from_pretrained(base.float(), tmp_path / "adapter")
+    peft_model.eval()
+    with torch.no_grad():
+        theirs = peft_model(input_ids=ids).logits
+        with peft_model.disable_adapter():
+            plain = peft_model(input_ids=ids).logits
+        merged = peft_model.merge_and_unload()(input_ids=ids).logits
+    assert (ours - plain).abs().max() > 1e-2  # the adapter changes the output...
+    assert torch.allclose(ours, theirs, rtol=1e-5, atol=1e-5)  # ...as peft computes it
+    assert torch.allclose(ours, merged, rtol=1e-5, atol=1e-5)
+
+
+def _corrupt_copy(src, dst, edit):
+    shutil.copytree(src, dst)
+    for path in dst.glob("model-*.safetensors"):
+        tensors = load_file(path)
+        edit(tensors)
+        save_file(tensors, path, metadata={"format": "pt"})
+    return dst
+
+
+def test_nan_scales_are_refused_before_training(tiny_gpt_oss_mxfp4, tmp_path):
+    def nan_scale(tensors):
+        tensors["model.layers.1.mlp.experts.down_proj_scales"][0, 3, 1] = 255
+
+    bad = _corrupt_copy(tiny_gpt_oss_mxfp4, tmp_path / "bad", nan_scale)
+    cfg = TrainConfig.model_validate({"precision": "fp32", "model": str(bad)})
+    with pytest.raises(ConfigError, match=r"corrupt MXFP4 checkpoint: model.layers.1.mlp.experts.down_proj_scales "
+                                          r"holds 1 NaN scales"):
+        load_base_model(str(bad), None, cfg, "eager")
+
+
+def test_wrong_block_shape_is_refused(tiny_gpt_oss_mxfp4, tmp_path):
+    def truncate(tensors):
+        key = "model.layers.0.mlp.experts.gate_up_proj_blocks"
+        tensors[key] = tensors[key][:, :, :1].contiguous()
+
+    bad = _corrupt_copy(tiny_gpt_oss_mxfp4, tmp_path / "bad", truncate)
+    cfg = TrainConfig.model_validate({"precision": "fp32"})
+    with pytest.raises(ConfigError, match=r"gate_up_proj_blocks/_scales are torch.uint8 \[4, 128, 1, 16\].*"
+                                          r"MXFP4 for this config is uint8 \[4, 128, 2, 16\]"):
+        load_base_model(str(bad), None, cfg, "eager")
+
+
+def test_fallbacks_say_why(tiny_gpt_oss, tiny_gpt_oss_mxfp4):
+    cfg = TrainConfig(model=str(tiny_gpt_oss))
+    assert choose_base_weights(cfg, checkpoint_mxfp4=False) == (
+        "bf16", f"base_weights=mxfp4, but {tiny_gpt_oss} does not store its experts in MXFP4: they load as "
+                "stored, in bf16")
+    zero3 = TrainConfig.model_validate({"deepspeed": {"stage": 3}})
+    mode, note = choose_base_weights(zero3, checkpoint_mxfp4=True)
+    assert mode == "bf16" and "ZeRO-3" in note
+    assert choose_base_weights(TrainConfig(), checkpoint_mxfp4=True) == ("mxfp4", "")
+    assert AutoConfig.from_pretrained(tiny_gpt_oss_mxfp4).quantization_config["quant_method"] == "mxfp4"
+
+
+@pytest.mark.parametrize(("expert_layers", "experts", "quantized"), [
+    ("all", "float32 (the adapter changes the experts, so they are stored merged)", False),
+    ([], "MXFP4, the base's own codes (the adapter leaves the experts untouched)", True),
+])
+def test_merge_writes_what_vllm_loads(tiny_gpt_oss_mxfp4, tmp_path, expert_layers, experts, quantized):
+    """An adapter trained on the MXFP4 path merges into a folder whose logits equal HF+peft's (merge_adapter
+    checks that, to 1e-4 in fp32); its experts are merged in the model's dtype when the adapter changes them,
+    else kept as the base's own MXFP4 codes with quantization_config, as vLLM loads them."""
+    from gptoss_webui.serve.merge import merge_adapter
+    from gptoss_webui.train.weights import read_safetensors
+
+    model, _, _ = _model(tiny_gpt_oss_mxfp4, "mxfp4", lora={"expert_layers": expert_layers})
+    model.save_pretrained(tmp_path / "adapter")
+    result = merge_adapter(str(tiny_gpt_oss_mxfp4), tmp_path / "adapter", tmp_path / "merged")
+    assert result.ok and result.adapter_effect > 1e-2 and result.experts == experts
+    config = json.loads((tmp_path / "merged" / "config.json").read_text())
+    assert ("quantization_config" in config) is quantized
+    merged, base = read_safetensors(tmp_path / "merged"), read_safetensors(tiny_gpt_oss_mxfp4)
+    key = "model.layers.1.mlp.experts.down_proj"
+    if quantized:
+        assert torch.equal(merged[f"{key}_blocks"], base[f"{key}_blocks"]) and key not in merged
+    else:
+        assert merged[key].shape == (4, 64, 64) and f"{key}_blocks" not in merged
