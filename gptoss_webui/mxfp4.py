@@ -37,16 +37,18 @@ def is_mxfp4_config(config: Any) -> bool:
 
 
 def choose_base_weights(cfg, checkpoint_mxfp4: bool) -> tuple[str, str]:
-    """For a TrainConfig: ("mxfp4" | "bf16", a one-line reason when the request cannot be followed, else "")."""
-    if cfg.base_weights != "mxfp4":
+    """For a TrainConfig: ("mxfp4" | "bf16" | "auto", a one-line reason where mxfp4 was asked for and cannot
+    be had, else ""). "auto" means both are possible: the estimator picks by what fits (memory.estimate)."""
+    wanted = cfg.base_weights
+    if wanted == "bf16":
         return "bf16", ""
     if not checkpoint_mxfp4:
         return "bf16", (f"base_weights=mxfp4, but {cfg.model} does not store its experts in MXFP4: they load as "
-                        f"stored, in {cfg.precision}")
+                        f"stored, in {cfg.precision}") if wanted == "mxfp4" else ""
     if cfg.deepspeed.enabled and cfg.deepspeed.stage == 3:
         return "bf16", ("base_weights=mxfp4 falls back to bf16 under ZeRO-3, which shards bf16 weights; MXFP4 "
-                        "experts train on one GPU or under ZeRO-2")
-    return "mxfp4", ""
+                        "experts train on one GPU or under ZeRO-2") if wanted == "mxfp4" else ""
+    return wanted, ""
 
 
 # Written as whole-tensor elementwise ops, so that torch.compile turns it into one kernel.

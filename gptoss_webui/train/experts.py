@@ -26,7 +26,6 @@ from gptoss_webui.mxfp4 import EXPERT_WEIGHTS, decode
 
 ADAPTER = "default"  # peft's adapter name, part of every saved key
 _GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
-_ALIGN = 8  # grouped GEMM needs 16-byte aligned rows: the LoRA rank is padded to 8 bf16 values
 
 
 def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
@@ -48,7 +47,9 @@ def _frozen_weight(weight: torch.Tensor, scales: torch.Tensor | None, dtype: tor
 class _FrozenGroupedMatmul(torch.autograd.Function):
     """x @ W per group for a frozen W that is MXFP4 (decoded on use) or bf16. Only the codes are saved for the
     backward, which decodes again: memory holds one decoded weight at a time, at the price of a third decode
-    per step (forward, recomputation, backward)."""
+    per step (forward, recomputation, backward). Keeping the recomputation's copy for the backward would save
+    one decode in three but hold a whole layer's experts (0.5 GiB more for gpt-oss-20b), room the 16 GB card
+    does not have."""
 
     @staticmethod
     def forward(ctx, x, offs, weight, scales):
@@ -117,20 +118,18 @@ class GroupedExperts(nn.Module):
         return (up + 1) * gate * torch.sigmoid(gate * self.alpha)
 
     def _project(self, name: str, x: torch.Tensor, offs: torch.Tensor, expert_of: torch.Tensor,
-                 lora: dict[str, tuple[torch.Tensor, torch.Tensor, float]]) -> torch.Tensor:
+                 lora: dict[str, ExpertLoraFactors]) -> torch.Tensor:
         if self.mxfp4:
             weight, scales = getattr(self, f"{name}_blocks"), getattr(self, f"{name}_scales")
         else:
             weight, scales = getattr(self, name), None
         y = _FrozenGroupedMatmul.apply(x, offs, weight, scales)
-        if name in lora:  # row-major copies in x's dtype: the grouped GEMM wants a unit stride (they are small)
-            a, b, scaling = lora[name]
-            a, b = a.to(x.dtype).contiguous(), b.to(x.dtype).contiguous()
-            y = y + scaling * grouped_mm(grouped_mm(x, a, offs), b, offs)
+        if name in lora:
+            y = y + lora[name].delta(x, expert_of)
         return y + getattr(self, f"{name}_bias")[expert_of].to(y.dtype)
 
     def forward(self, hidden_states: torch.Tensor, router_indices: torch.Tensor, routing_weights: torch.Tensor,
-                lora: dict[str, tuple[torch.Tensor, torch.Tensor, float]] | None = None) -> torch.Tensor:
+                lora: dict[str, ExpertLoraFactors] | None = None) -> torch.Tensor:
         tokens, top_k = router_indices.shape
         flat = router_indices.reshape(-1)
         expert_of, order = torch.sort(flat, stable=True)
@@ -172,20 +171,26 @@ class ExpertLoraFactors(nn.Module, BaseTunerLayer):
         nn.init.kaiming_uniform_(self.lora_A[ADAPTER].weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B[ADAPTER].weight)
 
-    def factors(self) -> tuple[torch.Tensor, torch.Tensor, float]:
-        """(A [E, in, r'], B [E, r', out], scaling): delta W_e = scaling * A_e @ B_e (peft's get_delta_weight),
-        the rank zero-padded to r' (a multiple of 8) for the grouped GEMM."""
+    def delta(self, x: torch.Tensor, expert_of: torch.Tensor) -> torch.Tensor:
+        """scaling * (x A_e) B_e for each row of x (routed to expert e = expert_of[row]), in peft's layout:
+        A_e = lora_A rows e*r .. e*r+r-1, B_e[k] = lora_B column k*E + e (ParamWrapper.get_delta_weight).
+
+        Both products are dense over all experts' ranks (r*E columns: 256 for gpt-oss-20b at r=8), then a gather
+        picks the row's expert: a few GFLOP, no expert-sized tensor, and no grouped GEMM, whose strides the
+        factors' layout does not meet."""
         e, r = self.num_experts, self.r
-        a = self.lora_A[ADAPTER].weight.view(e, r, -1).transpose(1, 2)
-        b = self.lora_B[ADAPTER].weight.view(-1, r, e).permute(2, 1, 0)
-        pad = -r % _ALIGN
-        if pad and a.is_cuda:
-            a, b = F.pad(a, (0, pad)), F.pad(b, (0, 0, 0, pad))
-        return a, b, self.scaling
+        rows = x.shape[0]
+        weight_a = self.lora_A[ADAPTER].weight.to(x.dtype)  # [E*r, in]
+        weight_b = self.lora_B[ADAPTER].weight.to(x.dtype)  # [out, r*E]
+        all_ranks = (x @ weight_a.t()).view(rows, e, r)
+        xa = all_ranks.gather(1, expert_of.view(rows, 1, 1).expand(rows, 1, r)).view(rows, r, 1)
+        spread = torch.zeros(rows, r, e, dtype=x.dtype, device=x.device)
+        spread = spread.scatter(2, expert_of.view(rows, 1, 1).expand(rows, r, 1), xa)  # [rows, r, E]
+        return self.scaling * (spread.view(rows, r * e) @ weight_b.t())
 
     def forward(self, hidden_states, router_indices, routing_weights, lora=None):
         return self.base_layer(hidden_states, router_indices, routing_weights,
-                               {**(lora or {}), self.parameter_name: self.factors()})
+                               {**(lora or {}), self.parameter_name: self})
 
 
 def attach_expert_lora(experts: GroupedExperts, names: list[str], r: int, alpha: float) -> nn.Module:

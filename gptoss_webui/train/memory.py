@@ -303,6 +303,7 @@ class Estimate:
     total_params: int
     attention: str
     peak_at: str
+    base_weights: str = "bf16"  # the form the experts take: "auto" resolved here, for the worker too
     fix: Fix | None = None
     notes: list[str] = field(default_factory=list)
 
@@ -398,6 +399,12 @@ def estimate(train_cfg: TrainConfig, arch: Architecture, gpu_gib: float | None, 
     base_weights, fallback = choose_base_weights(cfg, arch.mxfp4_experts)
     if fallback:
         notes.append(fallback)
+    if base_weights == "auto":  # bf16 where it fits (the faster path: bench/README.md), else MXFP4
+        bf16 = estimate(cfg.model_copy(update={"base_weights": "bf16"}), arch, gpu_gib, world_size, on_gpu=on_gpu,
+                        search_fix=False, plain_hf=plain_hf)
+        base_weights = "bf16" if bf16.fits else "mxfp4"
+        notes.append("base_weights auto -> bf16: it fits, and bf16 experts train faster" if bf16.fits else
+                     f"base_weights auto -> mxfp4: bf16 experts would need {bf16.total_gib:.1f} GiB")
     mxfp4 = base_weights == "mxfp4"
     expert_weights = arch.layers * arch.expert_params_per_layer if mxfp4 else 0
     weights_all = ((arch.total_params - expert_weights) * p + expert_weights * BYTES_PER_WEIGHT) / GIB
@@ -487,7 +494,7 @@ def estimate(train_cfg: TrainConfig, arch: Architecture, gpu_gib: float | None, 
     est = Estimate(model=cfg.model, setup=", ".join(modes), terms=terms, peak_allocated_gib=allocated,
                    total_gib=total, gpu_gib=gpu_gib, world_size=n, fits=fits, margin_gib=margin,
                    trainable_params=P, total_params=arch.total_params, attention=attention,
-                   peak_at="loss" if loss_peak else layer_name, notes=notes)
+                   peak_at="loss" if loss_peak else layer_name, base_weights=base_weights, notes=notes)
     if not fits and search_fix:
         est.fix = find_fix(cfg, arch, gpu_gib, n, on_gpu)
     return est
@@ -602,7 +609,7 @@ def find_fix(cfg: TrainConfig, arch: Architecture, gpu_gib: float, n: int, on_gp
 
 # --- entry point for the CLI and the UI ------------------------------------------------------------
 
-def estimate_for_recipe(train_cfg: TrainConfig) -> Estimate:
+def estimate_for_recipe(train_cfg: TrainConfig, search_fix: bool = True) -> Estimate:
     """Judge train_cfg against train.gpu_memory_gib, else the smallest GPU here; world size = train.num_gpus,
     else the GPUs here, else 1. On a CPU-only host with no gpu_memory_gib, the numbers are computed and
     `fits` is True (the CPU demo trains in host memory)."""
@@ -614,4 +621,4 @@ def estimate_for_recipe(train_cfg: TrainConfig) -> Estimate:
         found = gpus()
     gpu_gib = train_cfg.gpu_memory_gib or (min(g.total_gib for g in found) if found else None)
     world = train_cfg.num_gpus or len(found) or 1
-    return estimate(train_cfg, arch, gpu_gib, world)
+    return estimate(train_cfg, arch, gpu_gib, world, search_fix=search_fix)

@@ -26,7 +26,13 @@ def load_base_model(model_path: str, model_config, cfg: TrainConfig, attention: 
     model_config = model_config or AutoConfig.from_pretrained(model_path)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[cfg.precision]
     checkpoint_mxfp4 = is_mxfp4_config(model_config)
+    if checkpoint_mxfp4:
+        check_checkpoint_scales(Path(model_path))
     mode, note = choose_base_weights(cfg, checkpoint_mxfp4)
+    if mode == "auto":  # the estimator decides, as it did before the launch
+        from gptoss_webui.train.memory import estimate_for_recipe
+
+        mode = estimate_for_recipe(cfg, search_fix=False).base_weights
     if mode == "mxfp4":
         return load_mxfp4_resident(Path(model_path), model_config, dtype, attention), mode, note
     kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": attention, "use_cache": False}
@@ -115,7 +121,7 @@ def assemble_model(model_config, tensors: dict, dtype, attention: str, source: s
 
 
 def _check_layer(prefix: str, tensors: dict, experts) -> None:
-    """The experts of one layer: all six tensors, uint8 codes of the config's shape, no NaN scales."""
+    """The experts of one layer: all six tensors, uint8 codes of the config's shape."""
     for name in EXPERT_WEIGHTS:
         blocks, scales = tensors.get(f"{name}_blocks"), tensors.get(f"{name}_scales")
         if blocks is None or scales is None or f"{name}_bias" not in tensors:
@@ -127,22 +133,36 @@ def _check_layer(prefix: str, tensors: dict, experts) -> None:
         if blocks.dtype != torch.uint8 or tuple(blocks.shape) != want or tuple(scales.shape) != want[:3]:
             raise ConfigError(f"{prefix}{name}_blocks/_scales are {blocks.dtype} {list(blocks.shape)} / "
                               f"{list(scales.shape)}; MXFP4 for this config is uint8 {list(want)} / {list(want[:3])}")
-        check_scales(f"{prefix}{name}_scales", scales)
+
+
+def check_checkpoint_scales(folder: Path) -> None:
+    """Every MXFP4 scale tensor of a checkpoint, read alone (1/16 of the codes), checked before any weight loads:
+    a corrupt checkpoint is refused whether its experts are then kept in MXFP4 or decoded to bf16."""
+    from safetensors import safe_open
+
+    for file in _safetensors_files(folder):
+        with safe_open(str(folder / file), "pt") as f:
+            for key in f.keys():  # noqa: SIM118 (a safetensors handle is not iterable)
+                if key.endswith("_scales"):
+                    check_scales(key, f.get_tensor(key))
+
+
+def _safetensors_files(folder: Path) -> list[str]:
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        return sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+    files = sorted(p.name for p in folder.glob("*.safetensors"))
+    if not files:
+        raise ConfigError(f"{folder} holds no .safetensors weights")
+    return files
 
 
 def read_safetensors(folder: Path) -> dict:
     """Every tensor of a (possibly sharded) safetensors checkpoint, by name, on the CPU."""
     from safetensors.torch import load_file
 
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        files = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
-    else:
-        files = sorted(p.name for p in folder.glob("*.safetensors"))
-    if not files:
-        raise ConfigError(f"{folder} holds no .safetensors weights")
     tensors: dict = {}
-    for name in files:
+    for name in _safetensors_files(folder):
         tensors.update(load_file(str(folder / name)))
     return tensors
 
