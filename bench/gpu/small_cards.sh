@@ -4,6 +4,7 @@
 #                                       # GPU 1: the 1x16gb and 1x24gb presets under 16 / 24 GiB caps
 #   bash bench/gpu/small_cards.sh b     # the 2x24gb preset on both GPUs (24 GiB caps); the 120b checkpoint and
 #                                       # the gpt-oss-120b-1xh100 preset under a 79 GiB cap on one GPU
+#   bash bench/gpu/small_cards.sh c     # ZeRO-3 (bf16) on both GPUs with expert LoRA, without and with offload
 # carry .gpu_carry. Everything lands in $OUT/results.tgz (a call brings back at most 8 files); the reply's tail
 # shows the summaries. BUDGET_S: seconds from the start that every part plans against.
 set -u
@@ -58,6 +59,15 @@ case ${1:?a or b} in
     echo "120b checkpoint: $(( $(date +%s) - t )) s, $(du -sh "$CKPT120" | cut -f1)"
     CKPT=$CKPT120 capped 120b 0 79 gpt-oss-120b-1xh100 --set data.path=/tmp/long.jsonl --set data.max_length=4096 \
       --set optim.max_steps=3 --set save_steps=10 ;;
+  c)  # ZeRO-3 on two GPUs with expert LoRA (bf16: ZeRO-3 shards bf16 weights): with offload under 24 GiB caps (the
+      # estimator's pick for 24 GB cards), then without offload and without caps, forced, to measure its peak
+    python3 -m bench.gpu.long_rows --tokens 4200 --out /tmp/long.jsonl
+    CUDA_VISIBLE_DEVICES=0 python3 -m bench.gpu.make_models 20b --tokenizer "$TOKENIZER" --out "$CKPT" 2>&1 | tail -1
+    z3=(--set deepspeed.stage=3 --set compile=false --set data.path=/tmp/long.jsonl --set data.max_length=2048
+        --set optim.max_steps=3 --set save_steps=10)
+    DEADLINE=$(($(date +%s) + $(left 0) / 2)) capped z3_offload 0,1 24 gpt-oss-20b-2x24gb "${z3[@]}" \
+      --set deepspeed.offload_params=true --set deepspeed.offload_optimizer=true
+    capped z3 0,1 139 gpt-oss-20b-2x24gb "${z3[@]}" --force ;;
 esac
 tar -czf "$OUT/results.tgz" -C "$R" .
 ls -la "$OUT"

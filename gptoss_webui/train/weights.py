@@ -35,6 +35,8 @@ def load_base_model(model_path: str, model_config, cfg: TrainConfig, attention: 
         mode = estimate_for_recipe(cfg, search_fix=False).base_weights
     if mode == "mxfp4":
         return load_mxfp4_resident(Path(model_path), model_config, dtype, attention), mode, note
+    if checkpoint_mxfp4 and cfg.deepspeed.enabled and cfg.deepspeed.stage == 3:
+        return load_decoded_under_zero3(Path(model_path), model_config, dtype, attention), mode, note
     kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": attention, "use_cache": False}
     if checkpoint_mxfp4:
         from transformers import Mxfp4Config
@@ -47,6 +49,51 @@ def load_base_model(model_path: str, model_config, cfg: TrainConfig, attention: 
 def load_mxfp4_resident(folder: Path, model_config, dtype, attention: str):
     """The model with every experts module a GroupedExperts over the checkpoint's own blocks and scales."""
     return assemble_model(model_config, read_safetensors(folder), dtype, attention, source=str(folder))
+
+
+def load_decoded_under_zero3(folder: Path, model_config, dtype, attention: str):
+    """ZeRO-3 over an MXFP4 checkpoint. transformers skips zero.Init for quantized checkpoints, so every rank would
+    hold the whole model decoded to bf16 (and DeepSpeed would then copy it to each GPU). Here the model is built
+    under zero.Init, partitioned as it is created, and each weight is filled in turn from the checkpoint by rank 0
+    (experts decoded on the way) while it is gathered; the other ranks read nothing."""
+    import copy
+
+    import deepspeed
+    import torch.distributed as dist
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+    from transformers.integrations.deepspeed import deepspeed_config
+
+    from gptoss_webui.mxfp4 import decode
+
+    config = copy.deepcopy(model_config)
+    del config.quantization_config
+    config.use_cache = False
+    with deepspeed.zero.Init(config_dict_or_path=deepspeed_config()):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attention)
+    leader = not dist.is_initialized() or dist.get_rank() == 0
+    where = {}
+    for file in _safetensors_files(folder):
+        with safe_open(str(folder / file), "pt") as f:
+            where.update(dict.fromkeys(f.keys(), file))  # noqa: SIM118 (a safetensors handle is not iterable)
+
+    def read(name: str) -> torch.Tensor:
+        with safe_open(str(folder / where[name]), "pt") as f:
+            return f.get_tensor(name)
+
+    for name, param in model.named_parameters():
+        with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
+            if not leader:
+                continue
+            if name in where:
+                value = read(name)
+            elif f"{name}_blocks" in where:  # [E, out, in] codes -> transformers' [E, in, out], decoded where it goes
+                codes, scales = (read(f"{name}{part}").to(param.device) for part in ("_blocks", "_scales"))
+                value = decode(codes, scales, dtype).transpose(1, 2)
+            else:
+                raise ConfigError(f"{folder} lacks {name} (nor {name}_blocks/_scales)")
+            param.data.copy_(value.to(param.dtype))
+    return model
 
 
 def decode_expert_tensors(tensors: dict, dtype) -> dict:
