@@ -76,15 +76,14 @@ def make_adapter(model_spec: str, out: Path, experts: bool) -> str:
     """A peft adapter in training's layout (r=8 on q,k,v,o; gpt-oss: + the experts of its last layer) with random
     lora_B: peft's init (lora_B = 0) would not change the output."""
     import torch
-    from peft import get_peft_model
     from transformers import AutoModelForCausalLM
 
     from gptoss_webui.config import LoraConfig
-    from gptoss_webui.train.lora import build_peft_config
+    from gptoss_webui.train.lora import apply_lora
 
     model = AutoModelForCausalLM.from_pretrained(resolve_model(model_spec), dtype=torch.float32)
     lora = LoraConfig(expert_layers=[model.config.num_hidden_layers - 1] if experts else [])
-    peft_model = get_peft_model(model, build_peft_config(lora, model))
+    peft_model = apply_lora(model, lora)
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, param in peft_model.named_parameters():

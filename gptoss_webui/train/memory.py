@@ -54,8 +54,9 @@ FRAGMENTATION = 0.05  # caching-allocator slack over the allocated peak (FACTS "
 ZERO2_BUCKETS_OVERLAP, ZERO2_BUCKETS = 4.5, 2.0
 # ZeRO-3 reduces gradients through reduce_bucket_size buffers (double-buffered with overlap_comm).
 ZERO3_BUCKETS_OVERLAP, ZERO3_BUCKETS = 2.0, 1.0
-# ZeRO-3 materialises the layer being computed and prefetches the next one: about two layers' worth.
-ZERO3_LIVE_LAYERS = 2
+# ZeRO-3 materialises the layer being computed and prefetches the next: 2.5 layers' worth, fitted on the two
+# measured ZeRO-3 rows (gpt-oss-20b on 2 GPUs, with and without offload; tests/test_memory.py MEASURED_ZERO3).
+ZERO3_LIVE_LAYERS = 2.5
 
 
 class EstimateError(ConfigError):
