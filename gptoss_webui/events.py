@@ -4,6 +4,7 @@ One writer (the training worker, rank 0) and one reader (this module's `EventRea
 and the CLI). Every event has `type` and `time` (unix seconds). Types and their fields:
 
   start       world_size, model, trainable_params, total_params, total_steps, resumed_from_step,
+              base_weights (mxfp4 | bf16: the experts' form), base_weights_note (why not the one asked for, or ""),
               config (a short summary dict)
   step        step, total, epoch, loss, lr, grad_norm, tokens_per_s, peak_mem_gib, elapsed_s, eta_s
   eval        step, eval_loss

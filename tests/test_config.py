@@ -39,11 +39,13 @@ def test_overrides_parse_yaml_values():
     assert recipe.serve.port == 9001
 
 
-def test_the_24gb_preset_is_honest_about_zero2():
-    recipe = load_preset("gpt-oss-20b-2x24gb")
-    # bf16 weights alone exceed 24 GB: the preset must not be plain ZeRO-2, and must say what it trades.
-    assert recipe.train.deepspeed.stage == 3 and recipe.train.deepspeed.offload_params
-    assert "ZeRO-2 cannot fit" in recipe.description and "trades" in recipe.description
+def test_the_small_card_presets_keep_the_experts_in_mxfp4_and_say_what_they_measured():
+    # bf16 weights alone exceed 24 GB: ZeRO-2 with a full copy per card fits only with MXFP4 experts.
+    for name in ("gpt-oss-20b-1x16gb", "gpt-oss-20b-1x24gb", "gpt-oss-20b-2x24gb", "gpt-oss-120b-1xh100"):
+        recipe = load_preset(name)
+        assert recipe.train.base_weights == "mxfp4" and recipe.train.deepspeed.stage == 2, name
+        assert not recipe.train.deepspeed.offload_params, name
+        assert "Measured" in recipe.description and "2026-11-30" in recipe.description, name
 
 
 @pytest.mark.parametrize(("override", "expected"), [

@@ -32,6 +32,18 @@ def test_every_field_is_a_real_config_path():
             node = node[part]
 
 
+def test_choice_widgets_offer_every_value_the_config_allows():
+    """A radio or dropdown whose config value is not among its choices breaks the page."""
+    import typing
+
+    from gptoss_webui.config import TrainConfig
+
+    for f in FIELDS:
+        if f.widget in ("radio", "dropdown") and f.path.startswith("train.") and f.path.count(".") == 1:
+            allowed = typing.get_args(TrainConfig.model_fields[f.path.split(".")[1]].annotation)
+            assert set(allowed) <= set(f.choices), f.path
+
+
 @pytest.mark.parametrize("name", preset_names())
 def test_presets_round_trip_through_the_form(name, tmp_path):
     recipe = load_preset(name)

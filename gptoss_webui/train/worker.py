@@ -279,7 +279,12 @@ class LoraFinetune:
         )
 
     def _start_info(self, model) -> dict[str, Any]:
+        from gptoss_webui.train.weights import CpuEmbedding
+
         trainable, total = model.get_nb_trainable_parameters()
+        # Weights that are no parameters: MXFP4 codes (two weights a byte) and the embeddings kept on the CPU.
+        total += sum(2 * b.numel() for name, b in model.named_buffers() if name.endswith("_blocks"))
+        total += sum(m.table.numel() for m in model.modules() if isinstance(m, CpuEmbedding))
         cfg = self.cfg
         return {
             "world_size": self.world_size, "model": cfg.model, "trainable_params": trainable,

@@ -80,7 +80,7 @@ FIELDS: list[FormField] = [
     _F("train.deepspeed.offload_optimizer", "train.offload_optimizer", "check", group="memory"),
     _F("train.deepspeed.offload_params", "train.offload_params", "check", group="memory"),
     _F("train.precision", "train.precision", "dropdown", ("bf16", "fp32", "fp16"), "memory"),
-    _F("train.base_weights", "train.base_weights", "radio", ("mxfp4", "bf16"), "memory"),
+    _F("train.base_weights", "train.base_weights", "radio", ("auto", "mxfp4", "bf16"), "memory"),
     _F("train.attention", "train.attention", "dropdown",
        ("auto", "eager", "flex_attention", "sdpa", "flash_attention_2"), "memory"),
     _F("train.optim.micro_batch_size", "train.micro_batch", "int", group="schedule"),

@@ -30,11 +30,10 @@ def test_estimate_refusal_disables_start_with_the_reason(tmp_path):
         page.wait_for_selector("#gw-estimate")
         page.get_by_label("Preset").click()
         page.get_by_role("option", name="gpt-oss-20b-2x24gb").click()
-        wait_text(page, "#gw-estimate", "Fits")  # the preset as shipped (ZeRO-3 + offload) fits 23.5 GiB
+        wait_text(page, "#gw-estimate", "Fits")  # the preset as shipped (ZeRO-2, MXFP4 experts) fits 23.5 GiB
         assert page.locator("#gw-start").is_enabled()
-        # ZeRO-2 keeps a full bf16 copy (39 GiB) on each 23.5 GiB card: refused, with the reason and a fix.
-        page.get_by_label("Offload weights to CPU").uncheck()
-        page.locator("#gw-train-ds_stage label", has_text="2").click()
+        # bf16 experts: ZeRO-2 keeps a full bf16 copy (37.9 GiB) on each 23.5 GiB card: refused, with a fix.
+        page.locator("#gw-train-base_weights label", has_text="bf16").click()
         text = wait_text(page, "#gw-estimate", "Does not fit")
         assert "23.5 GiB" in text and "Suggested fix" in text
         assert "not fit" in wait_text(page, "#gw-start-reason", "disabled")
