@@ -51,7 +51,7 @@ def choose_base_weights(cfg, checkpoint_mxfp4: bool) -> tuple[str, str]:
     return wanted, ""
 
 
-# Written as whole-tensor elementwise ops, so that torch.compile turns it into one kernel.
+# Written as whole-tensor elementwise ops, so that torch.compile can fuse them.
 def _decode(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     import torch
 
@@ -72,8 +72,9 @@ def _compiled_decode():
 def decode(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """[E, rows, cols/32, 16] codes + [E, rows, cols/32] scales -> [E, rows, cols] weights in `dtype`.
 
-    On a GPU one compiled kernel (inside a compiled layer, the layer's graph inlines it); on the CPU, eager
-    one expert at a time, which bounds the index temporaries to one expert's size.
+    On a GPU compiled by torch.compile, so that the elementwise steps fuse instead of materialising int32 codes
+    (inside a compiled layer, the layer's graph inlines it); on the CPU, eager one expert at a time, which bounds
+    those temporaries to one expert's size.
     """
     import torch
 
