@@ -155,10 +155,11 @@ def test_wrong_block_shape_is_refused(tiny_gpt_oss_mxfp4, tmp_path):
         tensors[key] = tensors[key][:, :, :1].contiguous()
 
     bad = _corrupt_copy(tiny_gpt_oss_mxfp4, tmp_path / "bad", truncate)
-    cfg = TrainConfig.model_validate({"precision": "fp32", "base_weights": "mxfp4"})
-    with pytest.raises(ConfigError, match=r"gate_up_proj_blocks/_scales are torch.uint8 \[4, 128, 1, 16\].*"
-                                          r"MXFP4 for this config is uint8 \[4, 128, 2, 16\]"):
-        load_base_model(str(bad), None, cfg, "eager")
+    for base_weights in ("mxfp4", "bf16"):  # checked before loading, whichever form the experts then take
+        cfg = TrainConfig.model_validate({"precision": "fp32", "base_weights": base_weights})
+        with pytest.raises(ConfigError, match=r"model.layers.0.mlp.experts.gate_up_proj_blocks is \[4, 128, 1, 16\]; "
+                                              r"MXFP4 for this config is \[4, 128, 2, 16\]"):
+            load_base_model(str(bad), None, cfg, "eager")
 
 
 def test_fallbacks_say_why(tiny_gpt_oss, tiny_gpt_oss_mxfp4):
@@ -207,3 +208,27 @@ def test_merge_writes_what_vllm_loads(tiny_gpt_oss_mxfp4, tmp_path, expert_layer
         assert torch.equal(merged[f"{key}_blocks"], base[f"{key}_blocks"]) and key not in merged
     else:
         assert merged[key].shape == (4, 64, 64) and f"{key}_blocks" not in merged
+
+
+def test_disk_check_counts_what_the_merge_will_write(tmp_path, monkeypatch):
+    """gpt-oss-20b in MXFP4: an attention-only merge keeps the codes (the base's size on disk), an expert merge
+    writes every weight in bf16 (38.96 GiB)."""
+    import shutil
+
+    from gptoss_webui.serve import merge
+
+    base = tmp_path / "gpt-oss-20b"
+    base.mkdir()
+    (base / "config.json").write_text(json.dumps({
+        "model_type": "gpt_oss", "num_hidden_layers": 24, "hidden_size": 2880, "num_attention_heads": 64,
+        "num_key_value_heads": 8, "head_dim": 64, "intermediate_size": 2880, "vocab_size": 201088,
+        "num_local_experts": 32, "num_experts_per_tok": 4, "tie_word_embeddings": False, "dtype": "bfloat16",
+        "quantization_config": {"quant_method": "mxfp4"}}))
+    save_file({"x": torch.zeros(2**18, dtype=torch.uint8)}, base / "model-00001.safetensors")  # 256 KiB
+    for name, targets in (("attention", None), ("experts", ["model.layers.7.mlp.experts.gate_up_proj"])):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "adapter_config.json").write_text(json.dumps({"target_parameters": targets}))
+    monkeypatch.setattr(merge.shutil, "disk_usage", lambda _p: shutil._ntuple_diskusage(10**12, 10**12, 2**20))
+    merge.check_disk_space(str(base), tmp_path / "attention", tmp_path)  # 256 KiB fits in 1 MiB
+    with pytest.raises(merge.MergeError, match="the merged model needs about 39.0 GiB"):
+        merge.check_disk_space(str(base), tmp_path / "experts", tmp_path)

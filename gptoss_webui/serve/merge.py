@@ -218,7 +218,7 @@ def merge_in_subprocess(base: str, adapter: str | Path, out_dir: str | Path, *, 
     if not force and (done := previous_merge(base, adapter, out_dir)):
         return done
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    check_disk_space(base, out_dir.parent)
+    check_disk_space(base, adapter, out_dir.parent)
     if log_path is None:  # a run's merge logs into the run folder, like its training
         in_run = out_dir.name == "merged" and (out_dir.parent / "config.yaml").is_file()
         log_path = out_dir.parent / "merge.log" if in_run else out_dir.with_name(f"{out_dir.name}.merge.log")
@@ -248,16 +248,26 @@ def merge_in_subprocess(base: str, adapter: str | Path, out_dir: str | Path, *, 
     return MergeResult(**data)
 
 
-def check_disk_space(base: str, folder: Path) -> None:
+def check_disk_space(base: str, adapter: Path, folder: Path) -> None:
     """Refuse before minutes of merging: the merged copy holds every weight in the merge dtype (an MXFP4
-    gpt-oss base grows about 3x: 38.96 GiB in bf16 for gpt-oss-20b)."""
+    gpt-oss base grows about 3x: 38.96 GiB in bf16 for gpt-oss-20b), except where the adapter leaves the experts
+    untouched: that copy keeps the base's MXFP4 codes and is about the base's size."""
+    from gptoss_webui.mxfp4 import is_mxfp4_config
     from gptoss_webui.train.memory import EstimateError, resolve_architecture
 
     try:
-        params = resolve_architecture(base).total_params
-    except EstimateError:
-        return  # an architecture the estimator does not know: let the merge try
-    need = params * {"float32": 4}.get(_pick_dtype(base), 2) / 2**30
+        base_config = json.loads((Path(base) / "config.json").read_text(encoding="utf-8"))
+        touches_experts = bool(json.loads((adapter / "adapter_config.json").read_text()).get("target_parameters"))
+    except (OSError, json.JSONDecodeError):
+        base_config, touches_experts = {}, True
+    if is_mxfp4_config(base_config) and not touches_experts:
+        need = sum(p.stat().st_size for p in Path(base).glob("*.safetensors")) / 2**30
+    else:
+        try:
+            params = resolve_architecture(base).total_params
+        except EstimateError:
+            return  # an architecture the estimator does not know: let the merge try
+        need = params * {"float32": 4}.get(_pick_dtype(base), 2) / 2**30
     free = shutil.disk_usage(folder).free / 2**30
     if free < need:
         raise MergeError(f"the merged model needs about {need:.1f} GiB in {folder}, which has {free:.1f} GiB "

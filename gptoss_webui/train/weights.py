@@ -27,7 +27,7 @@ def load_base_model(model_path: str, model_config, cfg: TrainConfig, attention: 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[cfg.precision]
     checkpoint_mxfp4 = is_mxfp4_config(model_config)
     if checkpoint_mxfp4:
-        check_checkpoint_scales(Path(model_path))
+        check_mxfp4_checkpoint(Path(model_path), model_config)
     mode, note = choose_base_weights(cfg, checkpoint_mxfp4)
     if mode == "auto":  # the estimator decides, as it did before the launch
         from gptoss_webui.train.memory import estimate_for_recipe
@@ -174,23 +174,37 @@ def _check_layer(prefix: str, tensors: dict, experts) -> None:
         if blocks is None or scales is None or f"{name}_bias" not in tensors:
             raise ConfigError(f"MXFP4 checkpoint lacks {prefix}{name}_blocks/_scales/_bias "
                               f"(it has: {', '.join(sorted(tensors)) or 'nothing'} there)")
-        e, i, h = experts.num_experts, experts.intermediate_size, experts.hidden_size
-        rows, cols = (2 * i, h) if name == "gate_up_proj" else (h, i)
-        want = (e, rows, cols // 32, 16)
+        want = mxfp4_blocks_shape(experts.num_experts, experts.hidden_size, experts.intermediate_size, name)
         if blocks.dtype != torch.uint8 or tuple(blocks.shape) != want or tuple(scales.shape) != want[:3]:
             raise ConfigError(f"{prefix}{name}_blocks/_scales are {blocks.dtype} {list(blocks.shape)} / "
                               f"{list(scales.shape)}; MXFP4 for this config is uint8 {list(want)} / {list(want[:3])}")
 
 
-def check_checkpoint_scales(folder: Path) -> None:
-    """Every MXFP4 scale tensor of a checkpoint, read alone (1/16 of the codes), checked before any weight loads:
-    a corrupt checkpoint is refused whether its experts are then kept in MXFP4 or decoded to bf16."""
+def mxfp4_blocks_shape(experts: int, hidden: int, intermediate: int, weight: str) -> tuple[int, int, int, int]:
+    """[E, rows, cols/32, 16] of a fused expert weight's codes (its scales drop the last dimension)."""
+    rows, cols = (2 * intermediate, hidden) if weight == "gate_up_proj" else (hidden, intermediate)
+    return experts, rows, cols // 32, 16
+
+
+def check_mxfp4_checkpoint(folder: Path, model_config) -> None:
+    """Every MXFP4 code and scale tensor of a checkpoint against the config's shapes, and every scale for NaN,
+    before any weight loads: a damaged checkpoint is refused whether its experts then stay MXFP4 or go bf16.
+    Shapes come from the files' headers; only the scales (1/16 of the codes) are read."""
     from safetensors import safe_open
 
     for file in _safetensors_files(folder):
         with safe_open(str(folder / file), "pt") as f:
             for key in f.keys():  # noqa: SIM118 (a safetensors handle is not iterable)
-                if key.endswith("_scales"):
+                weight, _, part = key.rsplit(".", 1)[-1].rpartition("_")
+                if part not in ("blocks", "scales") or weight not in EXPERT_WEIGHTS:
+                    continue
+                want = mxfp4_blocks_shape(model_config.num_local_experts, model_config.hidden_size,
+                                          model_config.intermediate_size, weight)[:4 if part == "blocks" else 3]
+                shape = tuple(f.get_slice(key).get_shape())
+                if shape != want:
+                    raise ConfigError(f"{key} is {list(shape)}; MXFP4 for this config is {list(want)}: the "
+                                      "checkpoint does not match its config.json")
+                if part == "scales":
                     check_scales(key, f.get_tensor(key))
 
 
