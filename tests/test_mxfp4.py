@@ -2,8 +2,9 @@
 
 On the tiny gpt-oss in its MXFP4 layout (demo:tiny-gpt-oss-mxfp4), in fp32 on the CPU:
 - the decode equals transformers' reference decode, bit for bit;
-- the MXFP4 path equals the bf16 path built from transformers' dequantized weights: logits, every LoRA gradient
-  and 20 steps of AdamW losses, to 1e-6 relative (both run the same grouped code on the same decoded values);
+- the MXFP4 path equals the bf16 path (every expert decoded once at load, by the same decode, which equals
+  transformers' bit for bit): logits, every LoRA gradient and 20 steps of AdamW losses, to 1e-6 relative (both
+  run the same grouped code on the same decoded values);
 - the adapter it saves is peft's: peft loads it onto transformers' model (peft's own ParamWrapper), gives the
   same logits, and merge_and_unload gives them too;
 - bad checkpoints are refused or fall back with one line.

@@ -156,9 +156,7 @@ class ExpertLoraFactors(nn.Module, BaseTunerLayer):
 
     def __init__(self, base_layer: nn.Module, parameter_name: str, r: int, alpha: float) -> None:
         super().__init__()
-        experts = base_layer
-        while isinstance(experts, ExpertLoraFactors):
-            experts = experts.base_layer
+        experts = base_layer.get_base_layer() if isinstance(base_layer, ExpertLoraFactors) else base_layer
         self.base_layer, self.parameter_name = base_layer, parameter_name
         self.num_experts, in_features, out_features = experts.shape(parameter_name)
         self.r, self.scaling = r, alpha / r

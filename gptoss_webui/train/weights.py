@@ -2,7 +2,9 @@
 
 `train.base_weights: mxfp4` keeps an MXFP4 checkpoint's experts as the checkpoint stores them (blocks + scales,
 4.25 bits a weight) and `train/experts.py` decodes them a layer at a time; gpt-oss-20b then holds 12.8 GiB of
-weights instead of 38.96. `bf16` decodes every expert at load (transformers' Mxfp4Config(dequantize=True)).
+weights instead of 38.96. `bf16` decodes every expert once at load, with the same decode (on the GPU when there is
+one). transformers' own Mxfp4Config(dequantize=True) is not used: it skips zero.Init, and 5.19 saves what it
+decoded under broken names.
 `mxfp4.choose_base_weights` is the one place that decides, for the worker and the estimator alike.
 """
 
@@ -33,22 +35,18 @@ def load_base_model(model_path: str, model_config, cfg: TrainConfig, attention: 
         from gptoss_webui.train.memory import estimate_for_recipe
 
         mode = estimate_for_recipe(cfg, search_fix=False).base_weights
-    if mode == "mxfp4":
-        return load_mxfp4_resident(Path(model_path), model_config, dtype, attention), mode, note
-    if checkpoint_mxfp4 and cfg.deepspeed.enabled and cfg.deepspeed.stage == 3:
-        return load_decoded_under_zero3(Path(model_path), model_config, dtype, attention), mode, note
-    kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": attention, "use_cache": False}
-    if checkpoint_mxfp4:
-        from transformers import Mxfp4Config
-
-        kwargs["quantization_config"] = Mxfp4Config(dequantize=True)
-    # .to: transformers decodes MXFP4 to bf16 whatever `dtype` says (fp32 for the CPU demo).
-    return AutoModelForCausalLM.from_pretrained(model_path, **kwargs).to(dtype), mode, note
-
-
-def load_mxfp4_resident(folder: Path, model_config, dtype, attention: str):
-    """The model with every experts module a GroupedExperts over the checkpoint's own blocks and scales."""
-    return assemble_model(model_config, read_safetensors(folder), dtype, attention, source=str(folder))
+    folder = Path(model_path)
+    if not checkpoint_mxfp4:
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, attn_implementation=attention,
+                                                     use_cache=False)
+    elif cfg.deepspeed.enabled and cfg.deepspeed.stage == 3:
+        model = load_decoded_under_zero3(folder, model_config, dtype, attention)
+    else:  # the same loader either way; bf16 decodes every expert once, here
+        tensors = read_safetensors(folder)
+        if mode == "bf16":
+            decode_expert_tensors(tensors, dtype)
+        model = assemble_model(model_config, tensors, dtype, attention, source=str(folder))
+    return model, mode, note
 
 
 def load_decoded_under_zero3(folder: Path, model_config, dtype, attention: str):
@@ -98,14 +96,18 @@ def load_decoded_under_zero3(folder: Path, model_config, dtype, attention: str):
 
 def decode_expert_tensors(tensors: dict, dtype) -> dict:
     """Checkpoint tensors with every MXFP4 `<weight>_blocks/_scales` pair replaced by `<weight>` in `dtype`, in
-    transformers' [E, in, out] layout (what Mxfp4Config(dequantize=True) holds). Changes and returns `tensors`."""
+    transformers' [E, in, out] layout (what Mxfp4Config(dequantize=True) holds), on the tensors' device. The decode
+    runs on the GPU where there is one (a CPU core takes about 0.12 s per 20b expert). Changes and returns
+    `tensors`."""
     from gptoss_webui.mxfp4 import decode
 
     for key in [k for k in tensors if k.endswith("_blocks")]:
         name = key.removesuffix("_blocks")
         codes, scales = tensors.pop(key), tensors.pop(f"{name}_scales")
         check_scales(f"{name}_scales", scales)
-        tensors[name] = decode(codes, scales, dtype).transpose(1, 2).contiguous()
+        where = "cuda" if torch.cuda.is_available() else codes.device
+        weight = decode(codes.to(where), scales.to(where), dtype).transpose(1, 2).contiguous()
+        tensors[name] = weight.to(codes.device)
     return tensors
 
 
