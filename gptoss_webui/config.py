@@ -29,13 +29,18 @@ Attention = Literal["auto", "eager", "flex_attention", "sdpa", "flash_attention_
 DataFormat = Literal["auto", "messages", "alpaca", "text"]
 
 
+MAX_LENGTH_LIMIT = 131072  # gpt-oss's context
+
+
 class DataConfig(_Strict):
     path: str = Field("demo:harmony", description="Local JSONL/JSON/CSV/Parquet file, a `datasets` name, "
                       "or demo:harmony (the shipped demo set)")
     format: DataFormat = Field("auto", description="messages (harmony chat), alpaca, text, or auto-detect")
     split: str = Field("train", description="Split to read from a `datasets` name")
-    max_length: int = Field(2048, ge=16, le=131072, description="Tokens per example; longer ones are truncated")
-    packing: bool = Field(False, description="Concatenate short examples into max_length blocks")
+    max_length: int = Field(2048, ge=16, le=MAX_LENGTH_LIMIT,
+                            description="Tokens per example; longer ones are truncated")
+    packing: bool = Field(True, description="Pack examples into blocks of up to max_length tokens (positions "
+                          "restart and attention stays inside each example)")
     validation_fraction: float = Field(0.0, ge=0.0, lt=0.5, description="Share of rows held out for eval")
     max_samples: int | None = Field(None, ge=1, description="Use only the first N rows")
 

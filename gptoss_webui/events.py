@@ -5,10 +5,13 @@ and the CLI). Every event has `type` and `time` (unix seconds). Types and their 
 
   start       world_size, model, trainable_params, total_params, total_steps, resumed_from_step,
               base_weights (mxfp4 | bf16: the experts' form), base_weights_note (why not the one asked for, or ""),
+              train_items, validation_items (examples, or packed blocks), data (train.data.DataStats as a dict),
+              data_summary (the same in one English line), setup_s ({"data": s, "model": s}: reading the data;
+              loading the model and wrapping it with LoRA),
               config (a short summary dict)
   step        step, total, epoch, loss, lr, grad_norm, tokens_per_s, peak_mem_gib, elapsed_s, eta_s
   eval        step, eval_loss
-  checkpoint  step, path
+  checkpoint  step, path, save_s (from the step's end to the checkpoint on disk, an eval at that step included)
   done        step, adapter_path, elapsed_s
   stopped     step, checkpoint (path or null): the run was asked to stop and saved its state
   error       message (for a person), log_tail (last lines of train.log)

@@ -11,7 +11,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from gptoss_webui.config import DataConfig, TrainConfig
-from gptoss_webui.train.data import IGNORE_INDEX, DataError, pack, prepare, preview
+from gptoss_webui.train.data import IGNORE_INDEX, DataError, Example, pack, padding_fraction, prepare, preview
 
 
 @pytest.fixture(scope="module")
@@ -46,8 +46,8 @@ def test_loss_covers_only_the_last_assistant_turn_with_its_thinking(tmp_path, to
 
 
 def test_demo_rows_train_on_the_pirate_answer(tokenizer):
-    data = prepare(DataConfig(path="demo:harmony"), tokenizer)
-    assert data.format == "messages" and len(data.train) == data.rows
+    data = prepare(DataConfig(path="demo:harmony", packing=False), tokenizer)
+    assert data.format == "messages" and len(data.train) == data.stats.rows
     for ex in data.train:
         assert "Ahoy, matey!" in _trained_text(tokenizer, ex)
 
@@ -64,7 +64,7 @@ def test_alpaca_csv_and_text_parquet(tmp_path, tokenizer):
 
     ppath = tmp_path / "t.parquet"
     pq.write_table(pa.table({"text": ["plain text to model", "more"]}), ppath)
-    data = prepare(DataConfig(path=str(ppath)), tokenizer)
+    data = prepare(DataConfig(path=str(ppath), packing=False), tokenizer)
     assert data.format == "text"
     assert _trained_text(tokenizer, data.train[0]) == "plain text to model<|return|>"
 
@@ -74,9 +74,27 @@ def test_truncation_packing_and_validation_split(tmp_path, tokenizer):
     cfg = DataConfig(path=str(_write_jsonl(tmp_path / "t.jsonl", rows)), max_length=24, validation_fraction=0.2)
     data = prepare(cfg, tokenizer)
     assert all(len(ex.input_ids) == 24 for ex in data.train + data.validation)
-    assert data.truncated == 10 and len(data.validation) == 2 and len(data.train) == 8
+    assert data.stats.truncated == 10 and len(data.validation) == 2 and len(data.train) == 8
     packed = pack(data.train, 60)
-    assert [len(b.input_ids) for b in packed] == [48, 48, 48, 48]
+    assert [b.lengths for b in packed] == [[24, 24]] * 4
+
+
+def test_packing_fills_blocks_best_fit_and_counts_padding(tmp_path, tokenizer):
+    lengths = [9, 2, 7, 3, 5, 4, 1, 8]
+    blocks = pack([Example(list(range(n)), list(range(n))) for n in lengths], 10)
+    assert [b.lengths for b in blocks] == [[9, 1], [8, 2], [7, 3], [5, 4]]
+    assert all(len(b.input_ids) == sum(b.lengths) for b in blocks)
+    assert padding_fraction(blocks, batch_size=2) == 1 - 39 / 40
+    assert padding_fraction([Example([0] * n, [0] * n) for n in (4, 2, 3, 3)], batch_size=2) == 1 - 12 / 14
+
+    rows = [{"text": "word " * n} for n in (3, 40, 5, 60, 7, 2, 30, 12, 25, 8, 50, 4, 90, 200)]
+    cfg = DataConfig(path=str(_write_jsonl(tmp_path / "t.jsonl", rows)), max_length=128)
+    stats = prepare(cfg, tokenizer, batch_size=2).stats
+    assert (stats.rows, stats.examples, stats.truncated, stats.dropped) == (14, 14, 1, 0)
+    assert stats.blocks == 4 and stats.padding < 0.05 < 0.3 < stats.padding_unpacked
+    assert "14 training examples from 14 rows (1 truncated at max_length, 0 dropped" in stats.describe()
+    unpacked = prepare(cfg.model_copy(update={"packing": False}), tokenizer, batch_size=2).stats
+    assert unpacked.blocks == 14 and unpacked.padding == unpacked.padding_unpacked == stats.padding_unpacked
 
 
 def test_preview_marks_the_trained_segment(tokenizer):
@@ -116,12 +134,16 @@ def test_missing_and_unsupported_files(tmp_path, tokenizer):
         prepare(DataConfig(path=str(odd)), tokenizer)
 
 
-def test_collator_pads_to_a_multiple_for_flex_attention():
-    from gptoss_webui.train.worker import PadCollator
+def test_collator_restarts_positions_and_pads_to_a_multiple_for_flex_attention():
+    from gptoss_webui.train.worker import DocumentCollator
 
-    batch = [{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [8], "labels": [8]}]
-    out = PadCollator(pad_id=0, multiple=128)(batch)
-    assert out["input_ids"].shape == (2, 128)
-    assert out["attention_mask"].sum().item() == 4
-    assert (out["labels"][:, 3:] == IGNORE_INDEX).all() and out["labels"][0, :3].tolist() == [-100, 6, 7]
-    assert PadCollator(pad_id=0)(batch)["input_ids"].shape == (2, 3)
+    batch = [{"input_ids": [5, 6, 7, 8, 9], "labels": [-100, 6, 7, 8, 9], "lengths": [3, 2]},
+             {"input_ids": [8], "labels": [8]}]
+    out = DocumentCollator(pad_id=0, multiple=128)(batch)
+    assert out["input_ids"].shape == (2, 128) and "attention_mask" not in out
+    assert out["position_ids"][0, :7].tolist() == [0, 1, 2, 0, 1, 0, 1]  # two examples, then the padding
+    assert out["position_ids"][1, :3].tolist() == [0, 0, 1]
+    # Each example's first label goes: the shift would have the previous example predict it.
+    assert out["labels"][0, :5].tolist() == [-100, 6, 7, -100, 9] and out["labels"][1, 0] == IGNORE_INDEX
+    assert (out["labels"][:, 5:] == IGNORE_INDEX).all()
+    assert DocumentCollator(pad_id=0)(batch)["input_ids"].shape == (2, 5)

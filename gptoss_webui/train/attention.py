@@ -38,3 +38,20 @@ def choose_attention(requested: str, model_type: str, on_gpu: bool) -> str:
         raise AttentionError("attention=flash_attention_2 needs the flash-attn package (GPU hosts: "
                              "pip install flash-attn); or use auto")
     return requested
+
+
+def document_masks(config, inputs_embeds, position_ids) -> dict:
+    """gpt-oss's attention masks for a batch whose position ids restart at every packed example.
+
+    transformers turns each restart into a document boundary (masking_utils.find_packed_sequence_indices) and
+    ands it with the causal mask and, for the sliding layers, the sliding window: a flex_attention block mask
+    from document ids, or the same mask dense under eager. gpt-oss's forward builds its masks without the
+    position ids (transformers 5.19), so it would miss the boundaries; it takes masks built here, one per layer
+    type. The sinks live in the attention kernels, not in the mask, and stay as they are.
+    """
+    from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+    args = {"config": config, "inputs_embeds": inputs_embeds, "attention_mask": None, "past_key_values": None,
+            "position_ids": position_ids}
+    return {"full_attention": create_causal_mask(**args),
+            "sliding_attention": create_sliding_window_causal_mask(**args)}

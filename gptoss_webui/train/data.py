@@ -12,10 +12,11 @@ Bad data fails here, before any model loads, naming the file and line (or row).
 
 from __future__ import annotations
 
+import bisect
 import csv
 import json
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,8 +40,15 @@ class Row:
 
 @dataclass
 class Example:
+    """Token ids and labels of one example, or of a packed block of examples (`lengths`: each one's tokens)."""
+
     input_ids: list[int]
     labels: list[int]
+    lengths: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.lengths:
+            self.lengths = [len(self.input_ids)]
 
 
 # --- reading ------------------------------------------------------------------------------------
@@ -200,18 +208,53 @@ def tokenize(tokenizer: Any, sample: list[dict[str, str]] | str, max_length: int
 
 
 def pack(examples: list[Example], max_length: int) -> list[Example]:
-    """Concatenate examples into blocks of up to max_length tokens (an example is never split)."""
-    blocks: list[Example] = []
-    cur = Example([], [])
-    for ex in examples:
-        if cur.input_ids and len(cur.input_ids) + len(ex.input_ids) > max_length:
-            blocks.append(cur)
-            cur = Example([], [])
-        cur.input_ids += ex.input_ids
-        cur.labels += ex.labels
-    if cur.input_ids:
-        blocks.append(cur)
-    return blocks
+    """Best-fit-decreasing: put each example, longest first, into the fullest block it still fits (an example
+    is never split), so blocks come out nearly full. Each block keeps its examples' lengths: the collator
+    restarts positions at every example and the attention mask keeps examples apart."""
+    members: list[list[Example]] = []
+    room: list[tuple[int, int]] = []  # (tokens left, block index), sorted
+    for ex in sorted(examples, key=lambda e: len(e.input_ids), reverse=True):
+        n = len(ex.input_ids)
+        i = bisect.bisect_left(room, (n, -1))
+        if i < len(room):
+            left, b = room.pop(i)
+        else:
+            left, b = max_length, len(members)
+            members.append([])
+        members[b].append(ex)
+        bisect.insort(room, (left - n, b))
+    return [Example([t for e in block for t in e.input_ids], [t for e in block for t in e.labels],
+                    [len(e.input_ids) for e in block]) for block in members]
+
+
+def padding_fraction(examples: list[Example], batch_size: int) -> float:
+    """Share of the batches' tokens that are padding when `batch_size` consecutive items are padded to the
+    longest of them."""
+    lengths = [len(e.input_ids) for e in examples]
+    padded = sum(len(chunk) * max(chunk)
+                 for chunk in (lengths[i:i + batch_size] for i in range(0, len(lengths), batch_size)))
+    return 1 - sum(lengths) / padded if padded else 0.0
+
+
+@dataclass
+class DataStats:
+    """What preparing the data did, for the start event (the CLI and the Train tab show it)."""
+
+    rows: int
+    truncated: int  # examples cut at max_length
+    dropped: int  # examples left with no trained token after the cut
+    examples: int  # training examples
+    blocks: int  # training items after packing (= examples without packing)
+    padding: float  # share of padding tokens in the batches as trained
+    padding_unpacked: float  # the same, one example per item
+
+    def describe(self) -> str:
+        text = f"{self.examples:,} training examples from {self.rows:,} rows"
+        if self.truncated or self.dropped:
+            text += f" ({self.truncated:,} truncated at max_length, {self.dropped:,} dropped: nothing left to train)"
+        if self.blocks != self.examples:
+            text += f", packed into {self.blocks:,} blocks"
+        return text + f"; padding {self.padding:.1%} of tokens (one example per item: {self.padding_unpacked:.1%})"
 
 
 @dataclass
@@ -219,11 +262,10 @@ class PreparedData:
     train: list[Example]
     validation: list[Example]
     format: str
-    rows: int
-    truncated: int
+    stats: DataStats
 
 
-def prepare(cfg: DataConfig, tokenizer: Any, seed: int = 42) -> PreparedData:
+def prepare(cfg: DataConfig, tokenizer: Any, seed: int = 42, batch_size: int = 1) -> PreparedData:
     rows = read_rows(cfg)
     fmt = cfg.format if cfg.format != "auto" else detect_format(rows[0])
     samples = [(r.source, to_messages(r, fmt)) for r in rows]  # checks every row before tokenizing any
@@ -242,10 +284,17 @@ def prepare(cfg: DataConfig, tokenizer: Any, seed: int = 42) -> PreparedData:
     if cfg.validation_fraction > 0 and n_val == 0:
         n_val = 1
     val = [examples[i] for i in order[:n_val]]
-    train = [examples[i] for i in sorted(order[n_val:])]
+    unpacked = train = [examples[i] for i in sorted(order[n_val:])]
     if cfg.packing:
         train, val = pack(train, cfg.max_length), pack(val, cfg.max_length)
-    return PreparedData(train, val, fmt, len(rows), truncated)
+
+    def padding(items: list[Example]) -> float:  # in a random order, as the sampler draws them
+        return padding_fraction(random.Random(seed).sample(items, len(items)), batch_size)
+
+    stats = DataStats(rows=len(rows), truncated=truncated, dropped=len(rows) - len(examples),
+                      examples=len(unpacked), blocks=len(train), padding=padding(train),
+                      padding_unpacked=padding(unpacked))
+    return PreparedData(train, val, fmt, stats)
 
 
 def preview(train_cfg: Any, n: int = 1) -> list[list[tuple[str, bool]]]:

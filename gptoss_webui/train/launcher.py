@@ -22,6 +22,7 @@ import psutil
 
 from gptoss_webui.config import ConfigError, Recipe, TrainConfig
 from gptoss_webui.events import EventReader, EventWriter
+from gptoss_webui.paths import cache_dir
 from gptoss_webui.runs import Run, RunsDir
 
 WORKER_MODULE = "gptoss_webui.train.worker"
@@ -141,6 +142,10 @@ def deepspeed_command(run: Run, cfg: TrainConfig, resume_from: str | None = None
 def launch_env(cfg: TrainConfig) -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONUNBUFFERED"] = "1"
+    # torch.compile's kernel caches in the workspace (Docker's /data volume), not in /tmp: the next launch of the
+    # same config loads its compiled layers instead of compiling them again.
+    env.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir() / "torchinductor"))
+    env.setdefault("TRITON_CACHE_DIR", str(cache_dir() / "triton"))
     if not _has_gpu():
         # DeepSpeed's CPU accelerator (gloo); one thread per rank beats oversubscribed cores.
         env["DS_ACCELERATOR"] = "cpu"
@@ -291,6 +296,7 @@ def follow(run: Run, poll_s: float = 1.0) -> int:
                     bar = tqdm(total=event["total_steps"], initial=event["resumed_from_step"], unit="step")
                     print(f"training {event['model']} on {event['world_size']} rank(s), "
                           f"{event['trainable_params']:,} trainable parameters", file=sys.stderr)
+                    print(f"data: {event['data_summary']}", file=sys.stderr)
                 elif event["type"] == "step" and bar is not None:
                     bar.n = event["step"]
                     bar.set_postfix(loss=f"{event['loss']:.4f}", tok_s=event["tokens_per_s"])

@@ -6,7 +6,8 @@ the peak of a checkpointed step. Here, a slice of rows at a time, the slice's lo
 the loss and the gradient of the hidden states (softmax - onehot, times lm_head's weight), and dropped: only
 [tokens, hidden] survives. lm_head is frozen (LoRA never targets it), so its weight needs no gradient.
 `install_fused_loss` makes the model's forward use it whenever labels are given; without labels (generation,
-tests reading logits) the model's own forward runs. Same value and gradient as ForCausalLMLoss.
+tests reading logits) the model's own forward runs. Same value and gradient as ForCausalLMLoss. This training
+forward also gives gpt-oss the document masks of a packed batch (train/attention.document_masks).
 """
 
 from __future__ import annotations
@@ -78,6 +79,13 @@ def install_fused_loss(model) -> None:
             return own_forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                labels=labels, num_items_in_batch=num_items_in_batch, **kwargs)
         kwargs.pop("use_cache", None)
+        if attention_mask is None and position_ids is not None and model.config.model_type == "gpt_oss":
+            # A packed batch (train/worker.DocumentCollator): examples are kept apart by their position ids.
+            from gptoss_webui.train.attention import document_masks
+
+            kwargs["inputs_embeds"] = model.get_input_embeddings()(input_ids)
+            attention_mask = document_masks(model.config, kwargs["inputs_embeds"], position_ids)
+            input_ids = None
         outputs = model.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                               use_cache=False, **kwargs)
         loss = lm_head_loss(outputs.last_hidden_state, model.lm_head.weight, labels, num_items_in_batch)

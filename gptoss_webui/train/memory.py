@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gptoss_webui.config import ConfigError, LoraConfig, TrainConfig
+from gptoss_webui.config import MAX_LENGTH_LIMIT, ConfigError, LoraConfig, TrainConfig
 from gptoss_webui.mxfp4 import BYTES_PER_WEIGHT, choose_base_weights, is_mxfp4_config
 
 GIB = 2**30
@@ -306,6 +306,7 @@ class Estimate:
     peak_at: str
     base_weights: str = "bf16"  # the form the experts take: "auto" resolved here, for the worker too
     fix: Fix | None = None
+    longest_max_length: int | None = None  # the longest data.max_length that fits, all else kept
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -336,6 +337,8 @@ class Estimate:
         if self.gpu_gib is not None:
             lines.append(f"  {'GPU memory':<{width}}{self.gpu_gib:8.2f} GiB")
         lines += ["", self.verdict]
+        if self.longest_max_length:
+            lines.append(f"longest max_length that fits: {self.longest_max_length:,} tokens")
         lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
 
@@ -498,7 +501,26 @@ def estimate(train_cfg: TrainConfig, arch: Architecture, gpu_gib: float | None, 
                    peak_at="loss" if loss_peak else layer_name, base_weights=base_weights, notes=notes)
     if not fits and search_fix:
         est.fix = find_fix(cfg, arch, gpu_gib, n, on_gpu)
+    if search_fix and gpu_gib is not None:
+        est.longest_max_length = longest_max_length(cfg, arch, gpu_gib, n, on_gpu)
     return est
+
+
+LENGTH_STEP = 1024
+
+
+def longest_max_length(cfg: TrainConfig, arch: Architecture, gpu_gib: float, n: int, on_gpu: bool) -> int | None:
+    """The longest data.max_length (a multiple of LENGTH_STEP) at which this config fits, everything else kept;
+    None when not even LENGTH_STEP tokens fit. Every term grows with the length, so a bisection finds it."""
+    def fits(length: int) -> bool:
+        new = cfg.model_copy(update={"data": cfg.data.model_copy(update={"max_length": length})})
+        return estimate(new, arch, gpu_gib, n, on_gpu=on_gpu, search_fix=False).fits
+
+    lo, hi = 0, MAX_LENGTH_LIMIT // LENGTH_STEP  # in steps: lo fits (or is 0); past hi nothing fits
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if fits(mid * LENGTH_STEP) else (lo, mid - 1)
+    return lo * LENGTH_STEP or None
 
 
 # --- the cheapest fix ------------------------------------------------------------------------------

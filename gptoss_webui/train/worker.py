@@ -10,6 +10,7 @@ every rank to stop at the same step, save a checkpoint, and write a `stopped` ev
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import resource
 import signal
@@ -39,14 +40,21 @@ class ExampleDataset(torch.utils.data.Dataset):
         return len(self.examples)
 
     def __getitem__(self, i: int) -> dict[str, list[int]]:
-        return {"input_ids": self.examples[i].input_ids, "labels": self.examples[i].labels}
+        ex = self.examples[i]
+        return {"input_ids": ex.input_ids, "labels": ex.labels, "lengths": ex.lengths}
 
 
-class PadCollator:
-    """Right-pad a batch: pad id for inputs, IGNORE_INDEX for labels, 0 in the attention mask.
+class DocumentCollator:
+    """Batch examples or packed blocks with no attention mask: the examples are kept apart by position ids.
 
-    With flex_attention the width is rounded up to a multiple of 128: below 128 query tokens torch
-    2.11's inductor picks its flex *decoding* kernel, which fails to build for training (seen on H100).
+    Positions restart at 0 in every example. transformers reads each restart as a document boundary
+    (masking_utils.find_packed_sequence_indices) and builds its causal and sliding-window masks so that no
+    token attends across one: a flex_attention block mask from document ids on the GPU, the same mask dense
+    under eager. A row's right padding is one more document (positions from 0, labels ignored) that no real
+    token sees. Each example's first label is ignored: after the loss's shift it would be predicted from the
+    previous example's last token. With flex_attention the width is rounded up to a multiple of 128: below 128
+    query tokens torch 2.11's inductor picks its flex *decoding* kernel, which fails to build for training
+    (seen on H100).
     """
 
     def __init__(self, pad_id: int, multiple: int = 1) -> None:
@@ -58,13 +66,18 @@ class PadCollator:
         width = -(-width // self.multiple) * self.multiple
         ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
         labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        positions = torch.zeros((len(batch), width), dtype=torch.long)
         for i, b in enumerate(batch):
             n = len(b["input_ids"])
             ids[i, :n] = torch.tensor(b["input_ids"])
             labels[i, :n] = torch.tensor(b["labels"])
-            mask[i, :n] = 1
-        return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+            start = 0
+            for length in b.get("lengths", [n]):
+                positions[i, start:start + length] = torch.arange(length)
+                labels[i, start] = IGNORE_INDEX
+                start += length
+            positions[i, n:] = torch.arange(width - n)  # the padding: one more document
+        return {"input_ids": ids, "labels": labels, "position_ids": positions}
 
 
 class StopRequest:
@@ -102,6 +115,7 @@ class ProgressCallback(TrainerCallback):
         self.t0 = self.t_last = time.time()
         self.tokens_last = 0
         self.first_step: int | None = None
+        self.t_step_end = self.t0
 
     def emit(self, type: str, **fields: Any) -> None:
         if self.events is not None:
@@ -114,6 +128,7 @@ class ProgressCallback(TrainerCallback):
         self.emit("start", total_steps=state.max_steps, resumed_from_step=state.global_step, **self.start_info)
 
     def on_step_end(self, args, state, control, **kwargs):
+        self.t_step_end = time.time()
         if self.stop.agreed():
             self.stopped = True
             control.should_save = True
@@ -140,7 +155,7 @@ class ProgressCallback(TrainerCallback):
         # Saving is not training: keep its time out of the next step's tokens/s.
         self.t_last = time.time()
         path = self.run.checkpoints_dir / f"checkpoint-{state.global_step}"
-        self.emit("checkpoint", step=state.global_step, path=str(path))
+        self.emit("checkpoint", step=state.global_step, path=str(path), save_s=round(self.t_last - self.t_step_end, 2))
 
 
 def load_model(model_path: str, model_config, cfg: TrainConfig, attention: str):
@@ -210,7 +225,10 @@ class LoraFinetune:
         torch.manual_seed(cfg.optim.seed)
         self.model_path = resolve_model(cfg.model)
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
-        self.data = prepare(cfg.data, self.tokenizer, cfg.optim.seed)  # bad data fails before the model loads
+        t0 = time.time()
+        # Bad data fails here, before the model loads.
+        self.data = prepare(cfg.data, self.tokenizer, cfg.optim.seed, cfg.optim.micro_batch_size)
+        self.setup_s = {"data": round(time.time() - t0, 2)}
         model_config = AutoConfig.from_pretrained(self.model_path)
         self.attention = choose_attention(cfg.attention, model_config.model_type, torch.cuda.is_available())
         # TrainingArguments first: under ZeRO-3 it makes from_pretrained load the weights already sharded.
@@ -221,7 +239,9 @@ class LoraFinetune:
             import deepspeed
 
             deepspeed.init_distributed()
+        t0 = time.time()
         model, self.base_weights, note = load_model(self.model_path, model_config, cfg, self.attention)
+        self.setup_s["model"] = round(time.time() - t0, 2)  # load, LoRA, compile wrappers (compiling is in step 1)
         if note and self.rank == 0:
             print(f"note: {note}", flush=True)
         self.base_weights_note = note
@@ -231,8 +251,8 @@ class LoraFinetune:
             args=args,
             train_dataset=ExampleDataset(self.data.train),
             eval_dataset=ExampleDataset(self.data.validation) if self.data.validation else None,
-            data_collator=PadCollator(self.tokenizer.pad_token_id,
-                                      multiple=128 if self.attention == "flex_attention" else 1),
+            data_collator=DocumentCollator(self.tokenizer.pad_token_id,
+                                           multiple=128 if self.attention == "flex_attention" else 1),
             callbacks=[ProgressCallback(self.events, self.stop, self.run, self._start_info(model))],
         )
 
@@ -289,8 +309,9 @@ class LoraFinetune:
         return {
             "world_size": self.world_size, "model": cfg.model, "trainable_params": trainable,
             "total_params": total, "attention": self.attention, "data_format": self.data.format,
-            "train_examples": len(self.data.train), "validation_examples": len(self.data.validation),
-            "truncated_examples": self.data.truncated, "base_weights": self.base_weights,
+            "train_items": len(self.data.train), "validation_items": len(self.data.validation),
+            "data": dataclasses.asdict(self.data.stats), "data_summary": self.data.stats.describe(),
+            "base_weights": self.base_weights, "setup_s": self.setup_s,
             "base_weights_note": self.base_weights_note,
             "config": {"lora_r": cfg.lora.r, "lr": cfg.optim.learning_rate, "precision": cfg.precision,
                        "zero_stage": cfg.deepspeed.stage if cfg.deepspeed.enabled else None,

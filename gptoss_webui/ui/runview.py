@@ -73,6 +73,7 @@ class RunView:
     error: str | None = None
     losses: list[tuple[int, float]] = field(default_factory=list)
     eval_losses: list[tuple[int, float]] = field(default_factory=list)
+    data: dict[str, Any] | None = None  # the start event's train.data.DataStats
     n_events: int = 0
 
     @property
@@ -96,6 +97,7 @@ def view(run: Run) -> RunView:
         if kind == "start":
             v.total = int(e.get("total_steps") or v.total)
             v.step = int(e.get("resumed_from_step") or v.step)
+            v.data = e.get("data")
             v.error = None
         elif kind == "step":
             v.step, v.total = int(e.get("step", v.step)), int(e.get("total") or v.total)

@@ -115,6 +115,11 @@ def metrics_md(v: runview.RunView, lang: str) -> str:
     if v.eval_losses:
         step, loss = v.eval_losses[-1]
         text += " · " + t("train.eval_loss", lang, loss=f"{loss:.4f}", step=step)
+    if v.data:
+        d = v.data
+        text += "  \n" + t("train.data_stats", lang, examples=f"{d['examples']:,}", rows=f"{d['rows']:,}",
+                            truncated=f"{d['truncated']:,}", dropped=f"{d['dropped']:,}", blocks=f"{d['blocks']:,}",
+                            padding=f"{d['padding']:.1%}", unpacked=f"{d['padding_unpacked']:.1%}")
     return text
 
 
