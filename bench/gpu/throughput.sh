@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# The device calls of the throughput work (issue 11), on an nvidia-h200-x2 host, carry .gpu_carry:
-#   bash bench/gpu/throughput.sh a   # checkpoints; GPU 1: the flex packing test, then bench.train --grid long under a
-#                                    # 79 GiB cap; GPU 0: the cookbook recipe cold, then warm, then bench --grid cookbook
-#   bash bench/gpu/throughput.sh b   # right after a (same host, its /tmp kept): the cookbook on two GPUs, and on one
-#                                    # GPU without packing (40 steps)
+# The device calls of the throughput work (issue 11), carry .gpu_carry; parts run in the order given:
+#   bash bench/gpu/throughput.sh packing cold warm     # the flex packing test; the cookbook recipe cold, then warm
+#   bash bench/gpu/throughput.sh long bench unpacked   # the longest sequences under a 79 GiB cap; bench.train at the
+#                                                      # cookbook's length; the recipe without packing (40 steps)
+#   bash bench/gpu/throughput.sh two_gpus              # nvidia-h200-x2: the recipe on two GPUs
+# A call made within 30 s of the last finds that host's /tmp (checkpoints, compile caches) as it was left.
 # Everything lands in $OUT/results.tgz; the reply's tail shows the summaries. BUDGET_S: seconds every part plans against.
 set -u
 OUT=${OUT:-/tmp/out}
@@ -22,35 +23,37 @@ cookbook() {  # NAME GPUS [--set ...]: the recipe through the real CLI, bounded 
   echo "== cookbook $name (GPUs $gpus): exit $?"; cat "$R/$name.json" 2>/dev/null || tail -n 20 "$R/$name.out"
 }
 
-case ${1:?a or b} in
-  a)
-    nvidia-smi -L > "$R/nvidia-smi.txt"
-    [ -f "$CKPT/config.json" ] || CUDA_VISIBLE_DEVICES=0 python3 -m bench.gpu.make_models 20b \
-      --tokenizer "$TOKENIZER" --out "$CKPT" > "$R/make.log" 2>&1
-    python3 -m bench.gpu.make_models tiny --tokenizer "$TOKENIZER" >> "$R/make.log" 2>&1
-    python3 -m bench.cookbook rows --out /tmp/cookbook.jsonl
-    (  # GPU 1: packing under flex_attention, then the longest sequences under an 80 GB card's cap
-      CUDA_VISIBLE_DEVICES=1 timeout 240 python3 -m pytest tests/test_packing.py -v -p no:cacheprovider -W ignore \
-        > "$R/pytest_packing.log" 2>&1
-      echo "== pytest exit $?"; tail -n 6 "$R/pytest_packing.log"
-      CUDA_VISIBLE_DEVICES=1 LOCAL_RANK=0 GPTOSS_CAP_GIB=79 PYTHONPATH="$PWD/bench/gpu/cap:$PYTHONPATH" \
+prepare() {  # the 20b and tiny checkpoints and the cookbook rows, unless this host kept them from a call before
+  [ -f "$CKPT/config.json" ] || python3 -m bench.gpu.make_models 20b --tokenizer "$TOKENIZER" --out "$CKPT" \
+    > "$R/make.log" 2>&1
+  [ -f "$GPTOSS_WORKSPACE/models/tiny-gpt-oss/config.json" ] \
+    || python3 -m bench.gpu.make_models tiny --tokenizer "$TOKENIZER" >> "$R/make.log" 2>&1
+  [ -f /tmp/cookbook.jsonl ] || python3 -m bench.cookbook rows --out /tmp/cookbook.jsonl
+}
+
+prepare
+nvidia-smi -L > "$R/nvidia-smi.txt"
+for part in "$@"; do
+  case $part in
+    packing)  # the packed-vs-separate test, flex_attention's block mask included
+      timeout 240 python3 -m pytest tests/test_packing.py -v -p no:cacheprovider -W ignore > "$R/pytest_packing.log" 2>&1
+      echo "== pytest exit $?"; tail -n 6 "$R/pytest_packing.log" ;;
+    cold|warm)  # the recipe on one GPU; `warm` right after `cold` finds torch's compile caches in the workspace
+      cookbook "$part" 0 ;;
+    two_gpus)
+      cookbook two_gpus 0,1 --set num_gpus=2 ;;
+    unpacked)
+      cookbook unpacked 0 --set data.packing=false --set optim.max_steps=40 ;;
+    long)  # the longest sequences under an 80 GB card's cap
+      CUDA_VISIBLE_DEVICES=0 LOCAL_RANK=0 GPTOSS_CAP_GIB=79 PYTHONPATH="$PWD/bench/gpu/cap:$PYTHONPATH" \
         python3 -m bench.train --grid long --tag long --out "$R" --warmup 1 --steps 2 --budget-s "$(left 150)" \
         > "$R/bench_long.log" 2>&1
-      echo "== bench long exit $?"; cat "$R/bench_long.md"
-    ) > "$R/lane1.txt" 2>&1 &
-    lane1=$!
-    cookbook cold 0
-    cookbook warm 0
-    CUDA_VISIBLE_DEVICES=0 timeout "$(left 5)" python3 -m bench.train --grid cookbook --tag cookbook --out "$R" \
-      > "$R/bench_cookbook.log" 2>&1
-    echo "== bench cookbook exit $?"; cat "$R/bench_cookbook.md"
-    wait "$lane1"; cat "$R/lane1.txt" ;;
-  b)
-    [ -f /tmp/cookbook.jsonl ] || python3 -m bench.cookbook rows --out /tmp/cookbook.jsonl
-    [ -f "$CKPT/config.json" ] || python3 -m bench.gpu.make_models 20b --tokenizer "$TOKENIZER" --out "$CKPT" \
-      > "$R/make.log" 2>&1
-    cookbook two_gpus 0,1 --set num_gpus=2
-    cookbook unpacked 0 --set data.packing=false --set optim.max_steps=40 ;;
-esac
+      echo "== bench long exit $?"; cat "$R/bench_long.md" ;;
+    bench)  # bench/train.py at the cookbook's packed length, for the pipeline's ratio
+      CUDA_VISIBLE_DEVICES=0 timeout "$(left 5)" python3 -m bench.train --grid cookbook --tag cookbook --out "$R" \
+        > "$R/bench_cookbook.log" 2>&1
+      echo "== bench cookbook exit $?"; cat "$R/bench_cookbook.md" ;;
+  esac
+done
 tar -czf "$OUT/results.tgz" -C "$R" .
 ls -la "$OUT"
