@@ -2,7 +2,7 @@
 
 The batch goes through the training worker's DocumentCollator (positions restart per example; the padding is a
 document of its own) into the tiny gpt-oss prepared as the worker prepares it (fused loss, LoRA on attention
-and experts). Its sliding window is cut to 16 tokens so that it bites inside the 30-token examples, and the
+and experts). Its sliding window is cut to 16 tokens so that it bites inside the examples, and the
 learned sinks are random. On the CPU the packed side runs eager with transformers' dense document mask; on a GPU
 also flex_attention with its block mask, against the same examples run one by one under eager.
 Tolerance: fp32 throughout; 1e-5 relative on the loss, 1e-4 relative (of the largest entry) on each gradient.
@@ -18,7 +18,7 @@ from gptoss_webui.train.data import Example, pack
 from gptoss_webui.train.worker import DocumentCollator, prepare_model
 
 SLIDING_WINDOW = 16
-LENGTHS = [30, 13, 20, 17, 9]  # packed at 64 tokens: [30, 20, 13] and [17, 9] (+ padding)
+LENGTHS = [130, 60, 90, 70, 40]  # packed at 256 tokens: [130, 90] and [70, 60, 40] (+ padding): 2 x 2 flex blocks
 ATTENTIONS = ["eager"] + (["flex_attention"] if torch.cuda.is_available() else [])
 
 
@@ -59,8 +59,8 @@ def _loss_and_grads(model, batch: dict[str, torch.Tensor], n_targets: int, devic
 def test_packed_blocks_equal_examples_one_by_one(tiny_gpt_oss, attention):
     device = "cuda" if attention == "flex_attention" else "cpu"
     examples = _examples()
-    blocks = pack(examples, 64)
-    assert [b.lengths for b in blocks] == [[30, 20, 13], [17, 9]]
+    blocks = pack(examples, 256)
+    assert [b.lengths for b in blocks] == [[130, 90], [70, 60, 40]]
     n_targets = sum(n - 1 for n in LENGTHS)  # each example's first token has nothing before it to predict from
 
     reference = _model(tiny_gpt_oss, "eager", "cpu")
@@ -73,7 +73,7 @@ def test_packed_blocks_equal_examples_one_by_one(tiny_gpt_oss, attention):
 
     collate = DocumentCollator(pad_id=0, multiple=128 if attention == "flex_attention" else 1)
     batch = collate([{"input_ids": b.input_ids, "labels": b.labels, "lengths": b.lengths} for b in blocks])
-    assert batch["position_ids"][1, :26].tolist() == list(range(17)) + list(range(9))
+    assert batch["position_ids"][1, :170].tolist() == list(range(70)) + list(range(60)) + list(range(40))
     packed = _model(tiny_gpt_oss, attention, device)
     packed_loss, packed_grads = _loss_and_grads(packed, batch, n_targets, device)
 
@@ -88,7 +88,7 @@ def test_packed_blocks_equal_examples_one_by_one(tiny_gpt_oss, attention):
 def test_a_leak_across_examples_would_be_caught(tiny_gpt_oss):
     """The same packed batch with positions running on (the old packing) gives a different loss."""
     examples = _examples()
-    blocks = pack(examples, 64)
+    blocks = pack(examples, 256)
     batch = DocumentCollator(pad_id=0)([{"input_ids": b.input_ids, "labels": b.labels, "lengths": b.lengths}
                                          for b in blocks])
     model = _model(tiny_gpt_oss, "eager", "cpu")
@@ -97,3 +97,36 @@ def test_a_leak_across_examples_would_be_caught(tiny_gpt_oss):
     running = dict(batch, position_ids=torch.arange(batch["input_ids"].shape[1]).expand_as(batch["input_ids"]))
     wrong, _ = _loss_and_grads(model, running, n_targets, "cpu")
     assert abs(right.item() - wrong.item()) > 1e-3
+
+
+def test_flex_block_mask_is_the_dense_document_mask(tiny_gpt_oss):
+    """train/attention.document_masks: its flex_attention BlockMask and its eager mask allow the same pairs, token by
+    token through the block mask's mask_mod and block by block in its sparse layout; and those pairs are the
+    rule: causal, inside one example, within the window on the sliding layers."""
+    from torch.nn.attention.flex_attention import create_mask
+    from transformers import AutoConfig
+
+    from gptoss_webui.train.attention import document_masks
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    config = AutoConfig.from_pretrained(tiny_gpt_oss)
+    config.sliding_window = SLIDING_WINDOW
+    blocks = pack(_examples(), 256)
+    batch = DocumentCollator(pad_id=0, multiple=128)([{"input_ids": b.input_ids, "labels": b.labels,
+                                                       "lengths": b.lengths} for b in blocks])
+    positions = batch["position_ids"].to(device)
+    eager = document_masks(config, "eager", positions, torch.float32)
+    flex = document_masks(config, "flex_attention", positions, torch.float32)
+    b, n = positions.shape
+    q, kv = torch.arange(n)[:, None], torch.arange(n)[None, :]
+    for kind, window in (("full_attention", n), ("sliding_attention", SLIDING_WINDOW)):
+        allowed = eager[kind] == 0  # [b, 1, n, n]: 0 where attention is allowed, the dtype's min elsewhere
+        for row in range(b):
+            docs = (positions[row].cpu() == 0).cumsum(0)
+            rule = (kv <= q) & (docs[q] == docs[kv]) & (q - kv < window)
+            assert torch.equal(allowed[row, 0].cpu(), rule), (kind, row)
+        block_mask = flex[kind]
+        assert torch.equal(create_mask(block_mask.mask_mod, b, 1, n, n, device=device), allowed), kind
+        size = block_mask.BLOCK_SIZE[0]
+        blocks_allowed = allowed.view(b, 1, n // size, size, n // size, size).any(dim=5).any(dim=3)
+        assert torch.equal(block_mask.to_dense().bool(), blocks_allowed), kind

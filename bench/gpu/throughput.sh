@@ -14,7 +14,7 @@ export DEADLINE=$(($(date +%s) + ${BUDGET_S:-560}))
 # shellcheck source=/dev/null
 source bench/gpu/setup.sh > "$R/env.log" 2>&1 || { tail -20 "$R/env.log"; exit 1; }
 export CKPT=/tmp/gpt-oss-20b-random RUNS=/tmp/gptoss-runs
-left() { echo $((DEADLINE - $(date +%s) - ${1:-0})); }
+left() { local s=$((DEADLINE - $(date +%s) - ${1:-0})); echo $((s > 1 ? s : 1)); }
 
 cookbook() {  # NAME GPUS [--set ...]: the recipe through the real CLI, bounded by the deadline
   local name=$1 gpus=$2; shift 2

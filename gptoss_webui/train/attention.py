@@ -40,18 +40,35 @@ def choose_attention(requested: str, model_type: str, on_gpu: bool) -> str:
     return requested
 
 
-def document_masks(config, inputs_embeds, position_ids) -> dict:
-    """gpt-oss's attention masks for a batch whose position ids restart at every packed example.
+def document_masks(config, attention: str, position_ids, dtype) -> dict:
+    """gpt-oss's attention masks for a batch whose position ids restart at 0 in every packed example (and in the
+    padding): causal, inside one example only, and for the sliding layers within the window too.
 
-    transformers turns each restart into a document boundary (masking_utils.find_packed_sequence_indices) and
-    ands it with the causal mask and, for the sliding layers, the sliding window: a flex_attention block mask
-    from document ids, or the same mask dense under eager. gpt-oss's forward builds its masks without the
-    position ids (transformers 5.19), so it would miss the boundaries; it takes masks built here, one per layer
-    type. The sinks live in the attention kernels, not in the mask, and stay as they are.
+    One rule (`allowed`), two renderings: a flex_attention BlockMask built from the document ids, whose blocks
+    between examples are skipped, or the same pairs as eager's additive mask. The sinks live in the attention
+    kernels, not in the mask, and stay as they are. gpt-oss's forward would build plain causal masks (it does
+    not read the position ids in transformers 5.19), so the training forward passes these instead.
     """
-    from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+    import torch
+    from torch.nn.attention.flex_attention import create_block_mask, create_mask
 
-    args = {"config": config, "inputs_embeds": inputs_embeds, "attention_mask": None, "past_key_values": None,
-            "position_ids": position_ids}
-    return {"full_attention": create_causal_mask(**args),
-            "sliding_attention": create_sliding_window_causal_mask(**args)}
+    docs = (position_ids == 0).cumsum(-1)  # [batch, tokens]: which example each token belongs to
+    window = config.sliding_window
+    batch, n = position_ids.shape
+
+    def causal_in_document(b, h, q, kv):
+        return (kv <= q) & (docs[b, q] == docs[b, kv])
+
+    def sliding_in_document(b, h, q, kv):
+        return causal_in_document(b, h, q, kv) & (q - kv < window)
+
+    masks = {}
+    for kind, allowed in (("full_attention", causal_in_document), ("sliding_attention", sliding_in_document)):
+        if attention == "flex_attention":
+            # Compiled, so that no tokens x tokens tensor is materialized (4 G entries at 64K tokens).
+            masks[kind] = torch.compile(create_block_mask)(allowed, batch, None, n, n, device=position_ids.device)
+        else:
+            dense = create_mask(allowed, batch, 1, n, n, device=position_ids.device)
+            masks[kind] = torch.zeros(dense.shape, dtype=dtype, device=dense.device).masked_fill_(
+                ~dense, torch.finfo(dtype).min)
+    return masks

@@ -83,9 +83,8 @@ def install_fused_loss(model) -> None:
             # A packed batch (train/worker.DocumentCollator): examples are kept apart by their position ids.
             from gptoss_webui.train.attention import document_masks
 
-            kwargs["inputs_embeds"] = model.get_input_embeddings()(input_ids)
-            attention_mask = document_masks(model.config, kwargs["inputs_embeds"], position_ids)
-            input_ids = None
+            attention_mask = document_masks(model.config, model.config._attn_implementation, position_ids,
+                                            model.lm_head.weight.dtype)
         outputs = model.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                               use_cache=False, **kwargs)
         loss = lm_head_loss(outputs.last_hidden_state, model.lm_head.weight, labels, num_items_in_batch)

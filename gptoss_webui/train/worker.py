@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from transformers import TrainerCallback
+from transformers import Trainer, TrainerCallback
 
 from gptoss_webui.config import ConfigError, Recipe, TrainConfig
 from gptoss_webui.events import EventWriter
@@ -57,12 +57,13 @@ class DocumentCollator:
     (seen on H100).
     """
 
-    def __init__(self, pad_id: int, multiple: int = 1) -> None:
+    def __init__(self, pad_id: int, multiple: int = 1, width: int | None = None) -> None:
         self.pad_id = pad_id
         self.multiple = multiple
+        self.width = width  # every batch this wide (packed blocks): one shape, so the layers compile once
 
     def __call__(self, batch: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
-        width = max(len(b["input_ids"]) for b in batch)
+        width = max(self.width or 0, *(len(b["input_ids"]) for b in batch))
         width = -(-width // self.multiple) * self.multiple
         ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
         labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
@@ -78,6 +79,20 @@ class DocumentCollator:
                 start += length
             positions[i, n:] = torch.arange(width - n)  # the padding: one more document
         return {"input_ids": ids, "labels": labels, "position_ids": positions}
+
+
+class AdapterTrainer(Trainer):
+    """The Trainer, saving only what LoRA trains. Under ZeRO-2 the Trainer's save_model first clones the whole state
+    dict to the CPU (accelerate's get_state_dict): 39 GiB of frozen bf16 weights on gpt-oss-20b, about 27 s a save
+    (H200, 2026-12-01), for a 30 MB adapter. The adapter is the trainable parameters; ZeRO-3, whose parameters are
+    sharded, keeps the Trainer's own path (it gathers only the trainable ones)."""
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        if self.is_deepspeed_enabled and self.deepspeed.zero_optimization_stage() == 3:
+            return super().save_model(output_dir, _internal_call)
+        if self.args.should_save:
+            adapter = {name: p.detach() for name, p in self.model.named_parameters() if p.requires_grad}
+            self._save(output_dir or self.args.output_dir, state_dict=adapter)
 
 
 class StopRequest:
@@ -215,7 +230,7 @@ class LoraFinetune:
 
     # --- setup ----------------------------------------------------------------------------------
     def setup(self) -> None:
-        from transformers import AutoConfig, AutoTokenizer, Trainer
+        from transformers import AutoConfig, AutoTokenizer
 
         from gptoss_webui.demo import resolve_model
         from gptoss_webui.train.attention import choose_attention
@@ -246,13 +261,14 @@ class LoraFinetune:
             print(f"note: {note}", flush=True)
         self.base_weights_note = note
         self.model = model
-        self.trainer = Trainer(
+        self.trainer = AdapterTrainer(
             model=model,
             args=args,
             train_dataset=ExampleDataset(self.data.train),
             eval_dataset=ExampleDataset(self.data.validation) if self.data.validation else None,
             data_collator=DocumentCollator(self.tokenizer.pad_token_id,
-                                           multiple=128 if self.attention == "flex_attention" else 1),
+                                           multiple=128 if self.attention == "flex_attention" else 1,
+                                           width=cfg.data.max_length if cfg.data.packing else None),
             callbacks=[ProgressCallback(self.events, self.stop, self.run, self._start_info(model))],
         )
 
