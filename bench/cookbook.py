@@ -4,12 +4,13 @@
     python -m bench.cookbook run --model CKPT --rows /tmp/cookbook.jsonl --out DIR [--name N] [--set key=value ...]
 
 The recipe (cookbook.openai.com/articles/gpt-oss/fine-tune-transfomers): 1,000 HuggingFaceH4/Multilingual-Thinking
-rows, one epoch, LoRA r=8 on attention plus the experts of layers 7/15/23, max length 2048: the
-`gpt-oss-20b-1xh100` preset with `data.max_length=2048`. The GPU hosts cannot download the dataset, so `rows`
-writes 1,000 synthetic harmony rows (developer, user, assistant with thinking) whose token lengths follow a
-log-normal with a median of 1,000 tokens and sigma 0.5 (mean about 1,130), clipped to 150-4,000 tokens. That
-is derived from the dataset card: 8.9 MB for 1,000 rows, about half of it in the `messages` column (the other
-columns repeat the same text), so about 4.4 kB a conversation, about 1,100 tokens at 4 characters a token.
+rows, one epoch, LoRA r=8 on attention plus the experts of layers 7/15/23, max length 2048, 4 sequences a device
+and 4 accumulation steps: the `gpt-oss-20b-1xh100` preset with those four values set (RECIPE). The GPU hosts cannot
+download the dataset, so `rows` writes 1,000 synthetic harmony rows (developer, user, assistant with thinking)
+whose token lengths follow a log-normal with a median of 1,000 tokens and sigma 0.5 (mean about 1,130), clipped to
+150-4,000 tokens. That is derived from the dataset card: 8.9 MB for 1,000 rows, about half of it in the `messages`
+column (the other columns repeat the same text), so about 4.4 kB a conversation, about 1,100 tokens at 4 characters
+a token.
 Each word is one o200k token (bench.gpu.long_rows's words). Rendered by the harmony template, the 1,000 rows
 measure: median 1,115 tokens, mean 1,230, 267-4,083; 84 rows are cut at 2048; 1,176,667 tokens are trained on.
 
@@ -40,7 +41,9 @@ from bench.gpu.long_rows import WORDS
 ROWS = 1000
 MEDIAN_TOKENS, SIGMA, MIN_TOKENS, MAX_TOKENS = 1000, 0.5, 150, 4000
 PRESET = "gpt-oss-20b-1xh100"
-RECIPE = ["data.max_length=2048", "optim.epochs=1", "optim.max_steps=-1"]
+# The cookbook's batch too: 4 sequences a device and 4 accumulation steps (16 a step); ours are packed blocks.
+RECIPE = ["data.max_length=2048", "optim.epochs=1", "optim.max_steps=-1", "optim.micro_batch_size=4",
+          "optim.gradient_accumulation_steps=4"]
 
 
 def rows(count: int = ROWS, seed: int = 0) -> list[dict]:

@@ -12,7 +12,7 @@ from bench.cookbook import main, rows
 from gptoss_webui.demo import resolve_model
 
 CPU = ["model=demo:tiny-gpt-oss", "precision=fp32", "compile=false", "num_gpus=2", "gpu_memory_gib=null",
-       "lora.expert_layers=[1]", "optim.gradient_accumulation_steps=1", "save_steps=3"]
+       "lora.expert_layers=[1]", "optim.micro_batch_size=1", "optim.gradient_accumulation_steps=1", "save_steps=3"]
 
 
 def test_rows_follow_the_stated_length_distribution():

@@ -28,13 +28,13 @@ def _model(path, attention: str, device: str):
     model = AutoModelForCausalLM.from_pretrained(path, attn_implementation=attention, dtype=torch.float32)
     model.config.sliding_window = SLIDING_WINDOW
     cfg = load_recipe("tiny-cpu-demo", ["train.compile=false"]).train
-    model = prepare_model(model.to(device), cfg)
+    model = prepare_model(model, cfg)
     torch.manual_seed(0)
     with torch.no_grad():  # LoRA's B starts at zero, which would leave A's gradient zero: make every factor count
-        for p in model.parameters():
+        for p in model.parameters():  # drawn on the CPU, so that every device gets the same weights
             if p.requires_grad:
                 p.copy_(torch.randn_like(p) * 0.05)
-    return model
+    return model.to(device)
 
 
 def _examples() -> list[Example]:

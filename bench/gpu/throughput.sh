@@ -38,16 +38,18 @@ for part in "$@"; do
     packing)  # the packed-vs-separate test, flex_attention's block mask included
       timeout 240 python3 -m pytest tests/test_packing.py -v -p no:cacheprovider -W ignore > "$R/pytest_packing.log" 2>&1
       echo "== pytest exit $?"; tail -n 6 "$R/pytest_packing.log" ;;
-    cold|warm)  # the recipe on one GPU; `warm` right after `cold` finds torch's compile caches in the workspace
-      cookbook "$part" 0 ;;
+    cold)  # the recipe on one GPU, launch to adapter
+      cookbook cold 0 ;;
+    warm)  # after `cold`, with torch's compile caches in the workspace: launch to step 1 (3 steps)
+      cookbook warm 0 --set optim.max_steps=3 ;;
     two_gpus)
       cookbook two_gpus 0,1 --set num_gpus=2 ;;
     unpacked)
       cookbook unpacked 0 --set data.packing=false --set optim.max_steps=40 ;;
     long)  # the longest sequences under an 80 GB card's cap
       CUDA_VISIBLE_DEVICES=0 LOCAL_RANK=0 GPTOSS_CAP_GIB=79 PYTHONPATH="$PWD/bench/gpu/cap:$PYTHONPATH" \
-        python3 -m bench.train --grid long --tag long --out "$R" --warmup 1 --steps 2 --budget-s "$(left 150)" \
-        > "$R/bench_long.log" 2>&1
+        timeout "$(left 10)" python3 -m bench.train --grid long --tag long --out "$R" --warmup 1 --steps 2 \
+        --only ${LONG_ROWS:-0 1 2 3 4} --budget-s "$(left 150)" > "$R/bench_long.log" 2>&1
       echo "== bench long exit $?"; cat "$R/bench_long.md" ;;
     bench)  # bench/train.py at the cookbook's packed length, for the pipeline's ratio
       CUDA_VISIBLE_DEVICES=0 timeout "$(left 5)" python3 -m bench.train --grid cookbook --tag cookbook --out "$R" \

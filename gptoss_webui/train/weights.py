@@ -96,9 +96,9 @@ def load_decoded_under_zero3(folder: Path, model_config, dtype, attention: str):
 
 def decode_expert_tensors(tensors: dict, dtype) -> dict:
     """Checkpoint tensors with every MXFP4 `<weight>_blocks/_scales` pair replaced by `<weight>` in `dtype`, in
-    transformers' [E, in, out] layout (what Mxfp4Config(dequantize=True) holds), on the tensors' device. The decode
-    runs on the GPU where there is one (a CPU core takes about 0.12 s per 20b expert). Changes and returns
-    `tensors`."""
+    transformers' [E, in, out] layout (what Mxfp4Config(dequantize=True) holds). The decode runs on the GPU where
+    there is one (a CPU core takes about 0.12 s per 20b expert), and the decoded weights stay there, where training
+    needs them: not 39 GiB copied back to the CPU and up again. Changes and returns `tensors`."""
     from gptoss_webui.mxfp4 import decode
 
     for key in [k for k in tensors if k.endswith("_blocks")]:
@@ -106,8 +106,7 @@ def decode_expert_tensors(tensors: dict, dtype) -> dict:
         codes, scales = tensors.pop(key), tensors.pop(f"{name}_scales")
         check_scales(f"{name}_scales", scales)
         where = "cuda" if torch.cuda.is_available() else codes.device
-        weight = decode(codes.to(where), scales.to(where), dtype).transpose(1, 2).contiguous()
-        tensors[name] = weight.to(codes.device)
+        tensors[name] = decode(codes.to(where), scales.to(where), dtype).transpose(1, 2).contiguous()
     return tensors
 
 
