@@ -13,7 +13,7 @@ import pytest
 from gptoss_webui import hardware
 from gptoss_webui.cli import main
 from gptoss_webui.config import LoraConfig, TrainConfig
-from gptoss_webui.presets import load_preset
+from gptoss_webui.presets import load_preset, load_recipe
 from gptoss_webui.train.memory import (
     BUILTIN_ARCHITECTURES,
     GIB,
@@ -239,6 +239,8 @@ MEASURED_OURS = [
     (4096, PRESET_LORA, True, "mxfp4", 14.53),
     (2048, PRESET_LORA, True, "mxfp4", 14.01),
     (4096, PRESET_LORA, False, "mxfp4", 14.51),
+    (2048, PRESET_LORA, True, "bf16", 39.05),  # H200, 2026-12-01, bench/results/2026-12-01-h200-bench-2048.json
+    (65536, PRESET_LORA, True, "bf16", 64.35),  # the same day, under a 79 GiB cap: 2026-12-01-h200-long.json
 ]
 
 
@@ -279,6 +281,28 @@ MEASURED_PRESETS = [
     ("gpt-oss-20b-2x24gb", "openai/gpt-oss-20b", 2, 14.47),
     ("gpt-oss-120b-1xh100", "openai/gpt-oss-120b", 1, 67.80),
 ]
+
+
+def test_the_cookbook_run_estimate_within_10_percent():
+    """bench/cookbook.py's run (the 1xh100 preset, 4 packed blocks of 2048 a step, ZeRO-2 on one H200): 41.74 GiB
+    (bench/results/2026-12-01-h200-cookbook-cold.json)."""
+    cfg = load_recipe("gpt-oss-20b-1xh100", ["train.data.max_length=2048", "train.optim.micro_batch_size=4"]).train
+    est = estimate(cfg, GPT_OSS_20B, cfg.gpu_memory_gib, 1, search_fix=False)
+    assert abs(100 * (est.peak_allocated_gib / 41.74 - 1)) <= 10.0, est.peak_allocated_gib
+
+
+def test_the_longest_max_length_is_the_last_that_fits():
+    cfg = load_preset("gpt-oss-20b-1xh100").train
+    est = estimate(cfg, GPT_OSS_20B, 79.0, 1)
+    longest = est.longest_max_length
+    assert longest and longest % 1024 == 0 and longest > 65536  # 65,536 ran under a 79 GiB cap (64.35 GiB)
+    assert "longest max_length that fits" in est.report()
+
+    def fits(n: int) -> bool:
+        data = cfg.data.model_copy(update={"max_length": n})
+        return estimate(cfg.model_copy(update={"data": data}), GPT_OSS_20B, 79.0, 1).fits
+
+    assert fits(longest) and not fits(longest + 1024)
 
 
 @pytest.mark.parametrize(("preset", "model", "gpus", "measured"), MEASURED_PRESETS)

@@ -76,3 +76,17 @@ def test_log_tail_keeps_whole_lines(tmp_path):
     assert tail.startswith("line ") and tail.endswith("line 4999\n")
     assert runview.log_tail(tmp_path / "missing") == ""
     assert json.loads(json.dumps(runview.fmt_duration(3725))) == "1:02:05"
+
+
+def test_the_metrics_line_shows_what_preparing_the_data_did_in_both_languages(tmp_path):
+    from gptoss_webui.train.data import DataStats
+    from gptoss_webui.ui.train_tab import metrics_md
+
+    run = _fake_run(tmp_path, "r1", None, state="finished")
+    stats = DataStats(rows=1000, truncated=84, dropped=2, examples=998, blocks=593, padding=0.031,
+                      padding_unpacked=0.303)
+    EventWriter(run.events_path).emit("start", world_size=1, model="m", trainable_params=1, total_params=2,
+                                      total_steps=38, resumed_from_step=0, data=stats.__dict__)
+    v = runview.view(run)
+    assert "998 examples from 1,000 rows (84 truncated, 2 dropped) in 593 blocks · padding 3.1%" in metrics_md(v, "en")
+    assert "不打包：30.3%" in metrics_md(v, "zh")

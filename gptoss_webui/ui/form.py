@@ -68,6 +68,7 @@ FIELDS: list[FormField] = [
     _F("train.data.path", "train.data_path", "data", group="data"),
     _F("train.data.format", "train.data_format", "dropdown", ("auto", "messages", "alpaca", "text"), "data"),
     _F("train.data.max_length", "train.max_length", "int", group="data"),
+    _F("train.data.packing", "train.packing", "check", group="data"),
     _F("train.lora.r", "train.lora_r", "int", group="lora"),
     _F("train.lora.alpha", "train.lora_alpha", "int", group="lora"),
     _F("train.lora.dropout", "train.lora_dropout", "float", group="lora"),

@@ -157,7 +157,7 @@ def build(L: Localizer, lang: gr.Radio, runs_dir: str) -> TrainTab:  # noqa: C90
             upload = L.bind(gr.UploadButton(L("train.upload"), file_types=list(DATA_SUFFIXES), size="sm",
                                             scale=1), label="train.upload")
         with gr.Row():
-            place("train.data_format", "train.max_length")
+            place("train.data_format", "train.max_length", "train.packing")
         preview_btn = L.button("train.preview_btn", size="sm")
         preview = L.labelled(gr.HighlightedText, "train.preview", show_legend=True, combine_adjacent=True,
                              visible=False, elem_id="gw-preview")
