@@ -30,10 +30,11 @@ from typing import Any
 import torch
 
 from bench.model import build_random_model, gpt_oss_20b_config
+from gptoss_webui.architecture import BUILTIN_ARCHITECTURES, Architecture
 from gptoss_webui.config import TrainConfig
 from gptoss_webui.presets import load_recipe
 from gptoss_webui.train.attention import choose_attention
-from gptoss_webui.train.memory import BUILTIN_ARCHITECTURES, Architecture, estimate
+from gptoss_webui.train.memory import estimate
 from gptoss_webui.train.worker import prepare_model
 
 GIB = 2**30

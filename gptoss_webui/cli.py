@@ -24,11 +24,10 @@ def _add_recipe_args(p: argparse.ArgumentParser, default: str | None = "tiny-cpu
 
 
 def _recipe(args: argparse.Namespace, section: str):
+    from gptoss_webui.config import in_section
     from gptoss_webui.presets import load_recipe
 
-    overrides = [o if o.split("=", 1)[0].startswith(("train.", "serve.", "description")) else f"{section}.{o}"
-                 for o in args.overrides]
-    return load_recipe(args.config, overrides)
+    return load_recipe(args.config, in_section(args.overrides, section))
 
 
 # --- commands -----------------------------------------------------------------------------------
@@ -167,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, UserError, FileNotFoundError, FileExistsError) as exc:
+    except (ConfigError, UserError, FileNotFoundError, FileExistsError, PermissionError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

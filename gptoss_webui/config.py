@@ -198,7 +198,7 @@ class Recipe(_Strict):
         try:
             return cls.model_validate(data)
         except ValidationError as exc:
-            raise ConfigError(format_validation_error(exc, source)) from None
+            raise ConfigError(format_validation_error(exc, source, overrides or [])) from None
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
@@ -210,6 +210,13 @@ class Recipe(_Strict):
 
 
 # --- overrides and messages --------------------------------------------------------------------
+
+def in_section(items: list[str], section: str) -> list[str]:
+    """`key=value` overrides as the CLI and the UI take them: a key not spelled out from the top (`train.`,
+    `serve.`, `description`) belongs to `section`, so `lora.r=16` means `train.lora.r=16` for training."""
+    return [item if item.split("=", 1)[0].strip().startswith(("train.", "serve.", "description")) else
+            f"{section}.{item.strip()}" for item in items]
+
 
 def apply_override(data: dict[str, Any], item: str) -> None:
     """Apply one `dotted.key=value` to a nested dict; the value is parsed as YAML (so 16, true, [a, b])."""
@@ -232,10 +239,13 @@ def apply_override(data: dict[str, Any], item: str) -> None:
     node[parts[-1]] = value
 
 
-def format_validation_error(exc: ValidationError, source: str) -> str:
+def format_validation_error(exc: ValidationError, source: str, overrides: list[str] = ()) -> str:
+    """One line per error, each blamed on where the value came from: the `--set` item that set it, else `source`."""
+    set_by = {".".join(p for p in item.split("=", 1)[0].strip().split(".") if p): item for item in overrides}
     lines = []
     for err in exc.errors():
         field = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        item = next((v for k, v in set_by.items() if field == k or field.startswith(k + ".")), None)
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             parent = _model_at(Recipe, err["loc"][:-1])
@@ -243,7 +253,7 @@ def format_validation_error(exc: ValidationError, source: str) -> str:
             msg = f"unknown field; allowed here: {allowed}"
         elif err["type"] == "literal_error":
             msg = f"got {err.get('input')!r}; {msg[0].lower()}{msg[1:]}"
-        lines.append(f"{source}: {field}: {msg}")
+        lines.append(f"--set {item}: {field}: {msg}" if item else f"{source}: {field}: {msg}")
     return "\n".join(lines)
 
 

@@ -91,7 +91,11 @@ class RunsDir:
 
     def create(self, name: str | None = None) -> Run:
         """Make a new run folder; refuses a name that is already taken rather than mixing two runs."""
-        self.root.mkdir(parents=True, exist_ok=True)
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except PermissionError:
+            raise PermissionError(f"cannot create the runs folder {self.root.resolve()}: permission denied; give "
+                                  "one you can write (runs_dir in the recipe, --runs-dir for the UI)") from None
         if name is None:
             name = time.strftime("run-%Y%m%d-%H%M%S")
             base, n = name, 1
@@ -105,6 +109,9 @@ class RunsDir:
             raise FileExistsError(
                 f"run folder {path} already exists: pick another run_name, resume that run, "
                 "or delete the folder") from None
+        except PermissionError:
+            raise PermissionError(f"cannot write in the runs folder {self.root.resolve()}: permission denied; give "
+                                  "one you can write (runs_dir in the recipe, --runs-dir for the UI)") from None
         return Run(path)
 
     def get(self, name: str) -> Run:

@@ -18,6 +18,18 @@ ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 EXPERTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
 
 
+def private_workspace(root: Path) -> Path:
+    """A workspace of its own (engine.json, engine.log, uploads) that shares the built demo models and caches."""
+    from gptoss_webui.paths import workspace_dir
+
+    real = workspace_dir()
+    root.mkdir(parents=True, exist_ok=True)
+    for name in ("models", "cache"):
+        if not (root / name).exists():
+            (root / name).symlink_to(real / name, target_is_directory=True)
+    return root
+
+
 def make_adapter(base_dir: str | Path, out_dir: str | Path, *, experts: bool = False, scale: float = 0.5,
                  seed: int = 1, r: int = 8) -> Path:
     """A LoRA adapter saved with peft's save_pretrained. lora_B is random (scale 0 keeps peft's zero init,

@@ -65,6 +65,15 @@ def test_bad_field_gives_one_line_naming_it(override, expected):
     assert len(message.splitlines()) == 1
 
 
+def test_a_bad_set_value_is_blamed_on_the_set_not_the_preset_file(tmp_path):
+    with pytest.raises(ConfigError, match=r"^--set train.optim.max_steps=abc: train.optim.max_steps: Input should"):
+        load_recipe("tiny-cpu-demo", ["train.optim.max_steps=abc"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  optim: {max_steps: abc}\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"bad.yaml: train.optim.max_steps: Input should"):
+        Recipe.from_yaml(bad, ["train.lora.r=4"])
+
+
 def test_bad_yaml_names_file_and_line(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("train:\n  lora: {r: 8\n  precision: bf16\n", encoding="utf-8")

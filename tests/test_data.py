@@ -125,7 +125,34 @@ def test_bad_rows_name_file_and_line(tmp_path, tokenizer, content, expected):
         prepare(DataConfig(path=str(path)), tokenizer)
 
 
+def test_wrong_fields_for_a_forced_format_list_what_the_row_has(tmp_path, tokenizer):
+    path = tmp_path / "a.csv"
+    path.write_text("question,answer\nq,a\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"a.csv line 2: alpaca rows need the fields 'instruction' and 'output' "
+                                        r"\('input' is optional\); this row has \['answer', 'question'\]"):
+        prepare(DataConfig(path=str(path), format="alpaca"), tokenizer)
+    alpaca = _write_jsonl(tmp_path / "al.jsonl", [{"instruction": "Add", "output": "5"}])
+    with pytest.raises(DataError, match=r"line 1: 'messages' rows need a 'messages' list; this row has "
+                                        r"\['instruction', 'output'\] \(data.format: auto detects"):
+        prepare(DataConfig(path=str(alpaca), format="messages"), tokenizer)
+    assert prepare(DataConfig(path=str(alpaca)), tokenizer).format == "alpaca"  # what the presets now say: auto
+
+
+def test_a_dataset_of_empty_answers_is_refused(tmp_path, tokenizer):
+    empty = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": " "}]}
+    with pytest.raises(DataError, match=r"every assistant answer is empty \(e.g. e.jsonl line 1\)"):
+        prepare(DataConfig(path=str(_write_jsonl(tmp_path / "e.jsonl", [empty, empty]))), tokenizer)
+    full = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
+    assert prepare(DataConfig(path=str(_write_jsonl(tmp_path / "m.jsonl", [empty, full]))), tokenizer)
+
+
 def test_missing_and_unsupported_files(tmp_path, tokenizer):
+    (tmp_path / "set").mkdir()
+    (tmp_path / "set" / "train.jsonl").write_text("{}\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"set is a folder; give one data file \(data files in it: train.jsonl\)"):
+        prepare(DataConfig(path=str(tmp_path / "set")), tokenizer)
+    with pytest.raises(DataError, match=r"is a folder; give one data file \(it holds no .jsonl/.json/"):
+        prepare(DataConfig(path=str(tmp_path)), tokenizer)
     with pytest.raises(DataError, match="dataset file not found"):
         prepare(DataConfig(path=str(tmp_path / "nope.jsonl")), tokenizer)
     odd = tmp_path / "d.txt"

@@ -13,6 +13,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from gptoss_webui import demo
+from gptoss_webui import tokenizer as tokenizer_module
 
 SAMPLES = [
     "Hello, world!",
@@ -30,7 +31,7 @@ def tokenizer(tiny_gpt_oss):
 
 @pytest.fixture(scope="module")
 def harmony():
-    return demo.load_harmony_encoding()
+    return tokenizer_module.load_harmony_encoding()
 
 
 def test_demo_command_prints_where_everything_is():
@@ -45,10 +46,10 @@ def test_tiny_models_load_with_transformers(tiny_gpt_oss, tiny_dense):
     for path, arch in ((tiny_gpt_oss, "GptOssForCausalLM"), (tiny_dense, "LlamaForCausalLM")):
         model = AutoModelForCausalLM.from_pretrained(path)
         assert type(model).__name__ == arch
-        assert model.config.vocab_size == demo.VOCAB_SIZE
+        assert model.config.vocab_size == tokenizer_module.VOCAB_SIZE
         assert model.config.head_dim >= 32  # vLLM's CPU attention
         logits = model(torch.tensor([[1, 2, 3]])).logits
-        assert logits.shape == (1, 3, demo.VOCAB_SIZE) and torch.isfinite(logits).all()
+        assert logits.shape == (1, 3, tokenizer_module.VOCAB_SIZE) and torch.isfinite(logits).all()
 
 
 def test_the_build_is_deterministic_and_repaired_when_corrupt(tiny_gpt_oss, tmp_path):
@@ -61,7 +62,7 @@ def test_the_build_is_deterministic_and_repaired_when_corrupt(tiny_gpt_oss, tmp_
 
 
 def test_tokenizer_round_trips_like_the_harmony_encoder(tokenizer, harmony):
-    assert len(tokenizer) == demo.VOCAB_SIZE
+    assert len(tokenizer) == tokenizer_module.VOCAB_SIZE
     assert (tokenizer.eos_token_id, tokenizer.pad_token_id) == (200002, 199999)
     for text in SAMPLES:
         ids = tokenizer.encode(text, add_special_tokens=False)
@@ -108,3 +109,8 @@ def test_demo_dataset_is_harmony_messages_with_some_thinking():
     assert len(rows) >= 20
     assert any("thinking" in m for r in rows for m in r["messages"])
     assert all(r["messages"][-1]["role"] == "assistant" for r in rows)
+
+
+def test_the_built_files_are_readable_by_every_user_of_the_workspace(tiny_gpt_oss):
+    modes = {f.name: f.stat().st_mode & 0o777 for f in tiny_gpt_oss.iterdir() if f.is_file()}
+    assert all(mode & 0o044 == 0o044 for mode in modes.values()), modes  # safetensors alone writes 0600

@@ -11,19 +11,11 @@ import sys
 import pytest
 
 from gptoss_webui import hardware
+from gptoss_webui.architecture import BUILTIN_ARCHITECTURES, Architecture, ArchitectureError, resolve_architecture
 from gptoss_webui.cli import main
 from gptoss_webui.config import LoraConfig, TrainConfig
 from gptoss_webui.presets import load_preset, load_recipe
-from gptoss_webui.train.memory import (
-    BUILTIN_ARCHITECTURES,
-    GIB,
-    Architecture,
-    EstimateError,
-    count_lora,
-    estimate,
-    estimate_for_recipe,
-    resolve_architecture,
-)
+from gptoss_webui.train.memory import GIB, count_lora, estimate, estimate_for_recipe
 
 GPT_OSS_20B = BUILTIN_ARCHITECTURES["openai/gpt-oss-20b"]
 GPT_OSS_120B = BUILTIN_ARCHITECTURES["openai/gpt-oss-120b"]
@@ -98,9 +90,9 @@ def test_architecture_sources(tmp_path):
     assert (tiny.layers, tiny.hidden, tiny.experts, tiny.head_dim) == (2, 64, 4, 32)
     dense = resolve_architecture("demo:tiny-dense")
     assert dense.experts == 0 and dense.tie_embeddings
-    with pytest.raises(EstimateError, match="not a local folder"):
+    with pytest.raises(ArchitectureError, match="not a local folder"):
         resolve_architecture("someone/unknown-model")
-    with pytest.raises(EstimateError, match="demo:tiny-gpt-oss"):
+    with pytest.raises(ArchitectureError, match="demo:tiny-gpt-oss"):
         resolve_architecture("demo:nope")
 
 

@@ -177,7 +177,8 @@ def test_fallbacks_say_why(tiny_gpt_oss, tiny_gpt_oss_mxfp4):
 
 
 def test_auto_takes_bf16_where_it_fits_else_mxfp4():
-    from gptoss_webui.train.memory import BUILTIN_ARCHITECTURES, estimate
+    from gptoss_webui.architecture import BUILTIN_ARCHITECTURES
+    from gptoss_webui.train.memory import estimate
 
     arch = BUILTIN_ARCHITECTURES["openai/gpt-oss-20b"]
     cfg = TrainConfig.model_validate({"model": "openai/gpt-oss-20b", "data": {"max_length": 4096}})

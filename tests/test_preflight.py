@@ -62,6 +62,50 @@ def test_a_taken_run_folder_is_refused(tmp_path):
         _launch(tmp_path, "train.run_name=mine", "train.optim.max_steps=1")
 
 
+def test_an_unwritable_runs_folder_is_one_line_in_the_cli(tmp_path, monkeypatch, capsys):
+    """Tried as an unprivileged user, this was a PermissionError traceback. The tests may run as root, whom file
+    modes do not stop, so the refusal is the operating system's error raised where mkdir meets it."""
+    from pathlib import Path
+
+    from gptoss_webui.cli import main
+
+    real_mkdir = Path.mkdir
+
+    def mkdir(self, *args, **kwargs):
+        if self.name == "locked":
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", mkdir)
+    assert main(["train", "--config", "tiny-cpu-demo", "--set", f"runs_dir={tmp_path / 'locked'}",
+                 "--detach"]) == 2
+    err = capsys.readouterr().err
+    assert f"error: cannot create the runs folder {tmp_path / 'locked'}: permission denied; give one" in err
+
+
+def test_a_second_training_beside_a_running_one_is_refused_unless_forced(tmp_path):
+    import os
+
+    from gptoss_webui.runs import RunsDir
+
+    other = RunsDir(tmp_path / "runs").create("first")
+    other.config_path.write_text("train: {}\n")
+    other.write_status(state="running", pid=os.getpid(), pgid=os.getpid())  # a live process: "running"
+    with pytest.raises(LaunchError, match=r"run 'first' is still training in .*: wait for it to end or stop it"):
+        _launch(tmp_path, "train.optim.max_steps=1")
+
+
+def test_memory_held_by_other_processes_on_the_chosen_gpus_is_named():
+    from gptoss_webui.hardware import Gpu
+    from gptoss_webui.train.launcher import busy_gpu_message
+
+    found = [Gpu(0, "H100", 79.2, 70.1), Gpu(1, "H100", 79.2, 0.5)]
+    assert busy_gpu_message(found, [1], 43.0) is None
+    message = busy_gpu_message(found, [0, 1], 43.0)
+    assert message.startswith("GPU 0 (H100) has 9.1 GiB free of 79.2: other processes hold 70.1 GiB")
+    assert "this run needs 43.0 GiB" in message and "--force" in message
+
+
 def test_auto_attention_per_device_and_architecture():
     assert choose_attention("auto", "gpt_oss", on_gpu=True) == "flex_attention"
     assert choose_attention("auto", "gpt_oss", on_gpu=False) == "eager"

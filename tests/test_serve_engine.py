@@ -42,10 +42,10 @@ from serve_fixtures import (
     make_adapter,
     make_scripted_gpt_oss,
     pids_alive,
+    private_workspace,
 )
 
 from gptoss_webui.demo import resolve_model
-from gptoss_webui.paths import workspace_dir
 from gptoss_webui.serve import plan
 from gptoss_webui.serve.chat import CancelToken, ChatClient, ChatError, SamplingParams
 from gptoss_webui.serve.engine import Engine, EngineError
@@ -89,15 +89,6 @@ def busy_port():
         yield s.getsockname()[1]
 
 
-def workspace(root: Path) -> Path:
-    """A workspace of its own (engine.json, engine.log) that shares the built demo models and caches."""
-    real = workspace_dir()
-    root.mkdir(parents=True, exist_ok=True)
-    for name in ("models", "cache"):
-        (root / name).symlink_to(real / name, target_is_directory=True)
-    return root
-
-
 def cli_serve(ws: Path, *flags: str) -> tuple[subprocess.Popen, Path]:
     """`python -m gptoss_webui serve ...` with its output in a file, as a user would start it."""
     out = ws / "cli.out"
@@ -119,7 +110,7 @@ def wait_for(predicate, timeout: float, what: str) -> None:
 @pytest.fixture(scope="module")
 def cli(tmp_path_factory, busy_port):
     """The CLI serving the dense model, asked for a busy port; stopped with Ctrl-C unless it ended."""
-    ws = workspace(tmp_path_factory.mktemp("cli") / "ws")
+    ws = private_workspace(tmp_path_factory.mktemp("cli") / "ws")
     proc, out = cli_serve(ws, "--model", "demo:tiny-dense", "--port", str(busy_port))
     wait_for(lambda: "Ctrl-C stops the engine" in out.read_text() or proc.poll() is not None, 400,
              "the CLI to serve")
@@ -192,7 +183,7 @@ def test_impossible_config_reports_the_cause(tmp_path):
 
 
 def test_ctrl_c_while_starting_stops_the_engine(tmp_path):
-    ws = workspace(tmp_path / "ws")
+    ws = private_workspace(tmp_path / "ws")
     proc, out = cli_serve(ws, "--model", "demo:tiny-dense", "--port", str(free_port()))
     state = ws / "engine.json"
     wait_for(lambda: state.is_file() and json.loads(state.read_text()).get("pid"), 60, "the engine process")
@@ -209,6 +200,22 @@ def test_cli_serve_prints_the_url_and_models(cli, busy_port):
     text = out.read_text()
     assert f"note: port {busy_port} was in use; the engine listens on" in text
     assert "OpenAI base URL: http://127.0.0.1:" in text and "models: tiny-dense" in text
+
+
+def test_a_second_cli_serve_hot_loads_into_the_running_engine(cli, engine, adapters):
+    """One engine per workspace, shared by the CLI and the UI: `serve --adapter` while it runs loads the adapter
+    into it (the UI then lists it too) instead of starting a second engine; another model is refused."""
+    _proc, _out, ws = cli
+    second, out = cli_serve(ws, "--model", "demo:tiny-dense", "--adapter", f"tuned={adapters['tuned']}")
+    assert second.wait(240) == 0, out.read_text()
+    text = out.read_text()
+    assert "adapter 'tuned' loaded; it changes the model's output" in text and "models: " in text
+    assert "tuned" in engine.status().adapters and "tuned" in engine.models()
+    engine.unload_adapter("tuned")
+    other, out = cli_serve(ws, "--model", "demo:tiny-gpt-oss")
+    assert other.wait(120) == 2, out.read_text()
+    assert "error: an engine is already running in this workspace: " in out.read_text()
+    assert "stop it first" in out.read_text()
 
 
 def test_busy_port_picks_another_and_says_so(engine, busy_port):

@@ -81,6 +81,9 @@ def test_demo_run_streams_events_and_learns(full_run):
     assert [e["step"] for e in steps] == list(range(1, STEPS + 1))
     assert all(e["tokens_per_s"] > 0 and e["peak_mem_gib"] > 0 for e in steps)
     assert events[-1]["type"] == "done" and run_state(run) == "finished"
+    # The rate each step used: 2 warm-up steps from 0 (constant_with_warmup, warmup_ratio 0.05 of 40), then 0.01.
+    assert [e["lr"] for e in steps[:4]] == pytest.approx([0.0, 0.005, 0.01, 0.01])
+    assert start["data"]["examples"] == 24 and start["data"]["blocks"] < 24 and "packed into" in start["data_summary"]
     losses = [e["loss"] for e in steps]
     # Random 201k-vocabulary model: the loss starts near ln(201088) = 12.2; the recipe must move it
     # by at least half a nat (measured: about 1.0).
@@ -152,12 +155,14 @@ def test_stop_resume_kill_resume_reaches_the_same_end(full_run, tmp_path):
     assert starts[-1]["resumed_from_step"] == resumed_from
     workers = worker_processes(run.read_status()["pid"])
     assert len(workers) == 2
-    os.kill(workers[-1].pid, signal.SIGKILL)
+    # Rank 0: DeepSpeed's launcher reports any rank's death under the last rank's command line.
+    rank0 = next(w for w in workers if "--local_rank=0" in w.cmdline())
+    os.kill(rank0.pid, signal.SIGKILL)
     _wait_for(lambda: run_state(run) == "failed", 120, "the run to be marked failed")
     reader.poll()
     error = reader.final()
-    assert error["type"] == "error" and "was killed by SIGKILL" in error["message"], error
-    assert error["log_tail"]
+    assert error["type"] == "error" and "training rank 0 was killed by SIGKILL" in error["message"], error
+    assert f"details in {run.log_path}" in error["message"] and not error["log_tail"]  # no other rank's traceback
     _wait_for(lambda: not _run_processes(run), 60, "every process of the run to exit after the kill")
 
     # 3. Resume from the last checkpoint and finish with the right step count and the same losses.

@@ -9,7 +9,15 @@ from pathlib import Path
 
 import pytest
 
-from gptoss_webui.ui.access import AUTH_ENV, AccessError, check_path, is_loopback, redact, resolve_auth
+from gptoss_webui.ui.access import (
+    AUTH_ENV,
+    AccessError,
+    check_path,
+    is_loopback,
+    outside_paths,
+    redact,
+    resolve_auth,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -47,6 +55,25 @@ def test_paths_outside_the_workspace_are_refused(tmp_path, monkeypatch):
     assert check_path("HuggingFaceH4/Multilingual-Thinking", runs) is None  # a hub name, not a file
     assert check_path("/etc/passwd", runs) == "outside"
     assert check_path(str(ws / "data" / ".." / ".." / "x"), runs) == "outside"
+
+
+def test_every_path_the_form_can_set_is_checked_the_free_form_box_included(tmp_path, monkeypatch):
+    """`hostfile=/etc/passwd` in "More settings" once showed the file in the Log box (DeepSpeed quotes a bad
+    hostfile); a serve model typed in the Serve tab was only checked for being a model folder."""
+    from gptoss_webui.config import ConfigError, Recipe, ServeConfig
+    from gptoss_webui.ui.form import FIELDS, form_values
+    from gptoss_webui.ui.train_tab import _recipe
+
+    monkeypatch.setenv("GPTOSS_WORKSPACE", str(tmp_path / "ws"))
+    runs, base = tmp_path / "runs", Recipe().model_dump(mode="json")
+    values = form_values(Recipe(), FIELDS)
+    assert _recipe(str(runs), "en", base, "optim.warmup_ratio=0.1", values).train.optim.warmup_ratio == 0.1
+    for line, key in (("hostfile=/etc/passwd", "train.hostfile: /etc/passwd"),
+                      ("serve.model=/etc", "serve.model: /etc"),
+                      ("serve.adapters={x: /root}", "serve.adapters.x: /root")):
+        with pytest.raises(ConfigError, match=f"{key}: the web UI only reads files inside"):
+            _recipe(str(runs), "en", base, line, values)
+    assert outside_paths(Recipe(serve=ServeConfig(model="/etc")), runs) == ["serve.model: /etc"]
 
 
 def test_webui_refuses_a_public_host_without_auth():

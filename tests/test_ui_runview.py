@@ -70,11 +70,13 @@ def test_reattach_prefers_a_running_run(tmp_path):
 
 
 def test_log_tail_keeps_whole_lines(tmp_path):
+    from gptoss_webui.logs import tail
+
     log = tmp_path / "train.log"
     log.write_text("".join(f"line {i}\n" for i in range(5000)))
-    tail = runview.log_tail(log, limit=100)
-    assert tail.startswith("line ") and tail.endswith("line 4999\n")
-    assert runview.log_tail(tmp_path / "missing") == ""
+    end = tail(log, max_bytes=100)
+    assert end.startswith("line ") and end.endswith("line 4999\n")
+    assert tail(log, lines=2) == "line 4998\nline 4999" and tail(tmp_path / "missing") == ""
     assert json.loads(json.dumps(runview.fmt_duration(3725))) == "1:02:05"
 
 

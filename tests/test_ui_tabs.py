@@ -70,8 +70,8 @@ def test_chat_reasoning_is_a_collapsed_block_apart_from_the_answer():
     assert "no final answer" in render([turns[0], {"role": "assistant", "content": ""}], "en")[-1]["content"]
 
 
-def test_a_restarted_ui_reattaches_to_a_running_engine(tmp_path):
-    """The engine outlives the UI; a new UI process reads <runs>/engine.json and shows it running."""
+def test_a_restarted_ui_reattaches_to_a_running_engine(tmp_path, monkeypatch):
+    """The engine outlives the UI; a new UI process reads the workspace's engine.json and shows it running."""
     import json
     import subprocess
     import sys
@@ -80,6 +80,7 @@ def test_a_restarted_ui_reattaches_to_a_running_engine(tmp_path):
 
     from gptoss_webui.ui import engine_ctl, serve_tab
 
+    monkeypatch.setenv("GPTOSS_WORKSPACE", str(tmp_path))
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         (tmp_path / "engine.json").write_text(json.dumps({
@@ -87,7 +88,7 @@ def test_a_restarted_ui_reattaches_to_a_running_engine(tmp_path):
             "port": 8123, "pid": sleeper.pid, "create_time": psutil.Process(sleeper.pid).create_time(),
             "merged_from": {"my-run": "/runs/my-run/adapter"}, "lora_note": "adapter merged into the weights"}))
         engine_ctl._controls.clear()  # as in a fresh UI process
-        snap = engine_ctl.control_for(tmp_path).snapshot()
+        snap = engine_ctl.control_for().snapshot()
         assert snap.state == "running" and snap.info.base_url == "http://127.0.0.1:8123/v1"
         assert "my-run" in serve_tab.engine_md(snap, "en") and "my-run" in serve_tab.adapters_md(snap, "en")
     finally:
@@ -95,7 +96,7 @@ def test_a_restarted_ui_reattaches_to_a_running_engine(tmp_path):
         sleeper.wait()
     # Gone while nobody watched: reported as failed, with the reason, in the page's language.
     engine_ctl._controls.clear()
-    snap = engine_ctl.control_for(tmp_path).snapshot()
+    snap = engine_ctl.control_for().snapshot()
     assert snap.state == "crashed" and "引擎出错" in serve_tab.engine_md(snap, "zh")
 
 

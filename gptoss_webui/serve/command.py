@@ -8,7 +8,7 @@ import sys
 import time
 from typing import Any
 
-from gptoss_webui.config import ServeConfig
+from gptoss_webui.config import Recipe, ServeConfig, in_section
 from gptoss_webui.serve import plan
 from gptoss_webui.serve.engine import Engine, EngineError
 
@@ -16,15 +16,12 @@ from gptoss_webui.serve.engine import Engine, EngineError
 def serve_config_from_args(args: argparse.Namespace) -> tuple[ServeConfig, dict[str, str]]:
     """The ServeConfig for `serve` flags: a recipe's serve section when --config is given, then the flags."""
     base = ServeConfig()
+    overrides = in_section(getattr(args, "overrides", None) or [], "serve")
     if getattr(args, "config", None):
         from gptoss_webui.presets import load_recipe
 
-        overrides = [o if o.startswith(("serve.", "train.")) else f"serve.{o}" for o in args.overrides]
         base = load_recipe(args.config, overrides).serve
-    elif getattr(args, "overrides", None):
-        from gptoss_webui.config import Recipe
-
-        overrides = [o if o.startswith("serve.") else f"serve.{o}" for o in args.overrides]
+    elif overrides:
         base = Recipe.from_dict({}, overrides).serve
     adapters = {}
     for item in args.adapter:
@@ -37,9 +34,12 @@ def serve_config_from_args(args: argparse.Namespace) -> tuple[ServeConfig, dict[
 
 
 def serve_forever(args: argparse.Namespace) -> int:
-    """`serve`: start the engine, print the OpenAI base URL and model names, run until Ctrl-C."""
+    """`serve`: start the engine, print the OpenAI base URL and model names, run until Ctrl-C. When this
+    workspace's engine is already up (started by the UI or another `serve`), hot-load into it instead."""
     config, adapters = serve_config_from_args(args)
     engine = Engine()
+    if engine.status().state in ("starting", "running"):
+        return load_into_running(engine, config, adapters)
     mode: plan.AdapterMode = "merge" if args.merge else "auto"
     # SIGTERM (a supervisor, `kill`) ends the CLI like Ctrl-C does: the engine is stopped, not orphaned.
     signal.signal(signal.SIGTERM, _interrupt)
@@ -65,6 +65,27 @@ def serve_forever(args: argparse.Namespace) -> int:
         print("\nstopping the engine...", flush=True)
         engine.stop()
         return 0
+
+
+def load_into_running(engine: Engine, config: ServeConfig, adapters: dict[str, str]) -> int:
+    """Hot-load `adapters` into the engine already serving `config.model`; one engine per workspace, so a second
+    is never started beside it. The engine stays with whoever started it."""
+    from gptoss_webui.demo import resolve_model
+
+    info = engine.info
+    same_model = config.model == info.model_spec or resolve_model(config.model) == info.model
+    where = f"'{info.served_name or info.model_spec}' on {info.base_url}"
+    if not same_model or not adapters or info.state != "running":
+        hint = ("wait until it is running" if same_model and info.state == "starting" else
+                "give --adapter NAME=PATH to hot-load into it" if same_model else
+                "stop it first (Stop in the Serve tab, or Ctrl-C where `serve` runs)")
+        raise EngineError(f"an engine is already {info.state} in this workspace: {where}; {hint}")
+    for name, path in adapters.items():
+        print(engine.load_adapter(name, path).message, flush=True)
+    print(f"\nOpenAI base URL: {info.base_url}")
+    print(f"models: {', '.join(engine.models())}")
+    print("The engine keeps running; it stays with whoever started it.")
+    return 0
 
 
 def _interrupt(_signum: int, _frame: Any) -> None:

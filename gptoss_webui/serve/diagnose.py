@@ -8,7 +8,6 @@ stays available for the details.
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 # (pattern in the log, what to tell the user). First match wins, so specific causes come first.
 _KNOWN: list[tuple[re.Pattern[str], str]] = [
@@ -41,18 +40,6 @@ _KNOWN: list[tuple[re.Pattern[str], str]] = [
 # Lines like `ValueError: ...` or pydantic's `  Value error, ...`: the last one is usually the cause.
 _ERROR_LINE = re.compile(r"^\s*(?:[\w.]*(?:Error|Exception)(?::| )|Value error, )\s*(.+)$")
 _NOISE = re.compile(r"\bWARNING\b|ulimit|DeprecationWarning|FutureWarning|warnings\.warn")
-
-
-def read_tail(path: str | Path, max_bytes: int = 64_000) -> str:
-    """The end of a log file (the whole file when small); '' when it does not exist."""
-    try:
-        with open(path, "rb") as fh:
-            fh.seek(0, 2)
-            size = fh.tell()
-            fh.seek(max(0, size - max_bytes))
-            return fh.read().decode("utf-8", errors="replace")
-    except OSError:
-        return ""
 
 
 def last_error_line(text: str) -> str | None:

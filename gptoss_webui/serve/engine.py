@@ -2,8 +2,9 @@
 
 `Engine` starts `python -m vllm.entrypoints.openai.api_server` in its own session (log to a file, never
 a PIPE), waits for /health, and explains a failed start from the log tail instead of hanging. Its state
-(starting / running / stopped / crashed, model, adapters, port) lives in a small object the UI holds
-and in workspace/engine.json, so a restarted UI reattaches to an engine that is still running.
+(starting / running / stopped / crashed, model, adapters, port) lives in a small object and in one file per
+workspace, `state_file()` (workspace/engine.json, /data/engine.json in Docker), which the CLI and the UI
+share: each sees the engine the other started, and a restarted UI reattaches to one still running.
 
 Adapters are hot-loaded (POST /v1/load_lora_adapter) where vLLM can run LoRA for the architecture and
 merged into the weights where it cannot (gpt-oss on the CPU build: see plan.lora_support). After a
@@ -30,9 +31,11 @@ from typing import Any
 import httpx
 import psutil
 
+from gptoss_webui import processes
 from gptoss_webui.config import ServeConfig
+from gptoss_webui.logs import tail
 from gptoss_webui.serve import plan, procs
-from gptoss_webui.serve.diagnose import explain_failure, read_tail
+from gptoss_webui.serve.diagnose import explain_failure
 
 STATES = ("stopped", "starting", "running", "crashed")
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
@@ -41,6 +44,13 @@ PROBE_PROMPT = "The quick brown fox jumps over the lazy dog. Then it"
 PROBE_TOKENS = 8
 
 Progress = Callable[[str], None]
+
+
+def state_file() -> Path:
+    """The engine's state, one per workspace: whoever starts the engine (CLI or UI) writes it, both read it."""
+    from gptoss_webui.paths import workspace_dir
+
+    return workspace_dir() / "engine.json"
 
 
 class EngineError(Exception):
@@ -57,7 +67,7 @@ class AdapterCheck:
 
 @dataclass
 class EngineInfo:
-    """A snapshot of the engine, JSON-serializable (workspace/engine.json holds one)."""
+    """A snapshot of the engine, JSON-serializable (state_file() holds one)."""
 
     state: str = "stopped"
     model: str = ""                   # the folder (or hub name) vLLM loads
@@ -110,9 +120,7 @@ class Engine:
     start (with wait=True), wait_ready, load_adapter (runs a probe) and stop."""
 
     def __init__(self, state_path: str | Path | None = None) -> None:
-        from gptoss_webui.paths import workspace_dir
-
-        self.state_path = Path(state_path) if state_path else workspace_dir() / "engine.json"
+        self.state_path = Path(state_path) if state_path else state_file()
         self._lock = threading.RLock()
         self._proc: subprocess.Popen | None = None
         self.info = self._load()
@@ -123,7 +131,7 @@ class Engine:
             info = EngineInfo.from_json(self.state_path.read_text(encoding="utf-8"))
         except (OSError, ValueError, TypeError):
             return EngineInfo()
-        if info.state in ("starting", "running") and not procs.alive(info.pid, info.create_time):
+        if info.state in ("starting", "running") and not processes.alive(info.pid, info.create_time):
             info.state = "crashed"
             info.error = info.error or (f"the engine process (pid {info.pid}) ended while no app was "
                                         f"watching it; log: {info.log_path}")
@@ -137,7 +145,7 @@ class Engine:
     def _running(self) -> bool:
         if self._proc is not None:
             return self._proc.poll() is None
-        return procs.alive(self.info.pid, self.info.create_time)
+        return processes.alive(self.info.pid, self.info.create_time)
 
     def status(self) -> EngineInfo:
         """Refresh and return the state: a dead process is 'crashed' (with the cause from its log), and so
@@ -154,14 +162,14 @@ class Engine:
                     info.phase = "loading adapters" if info.pending_adapters else ""
                     self._save()
                 elif time.time() > (info.started_at or 0) + info.start_timeout_s:
-                    cause = explain_failure(read_tail(info.log_path))
+                    cause = explain_failure(tail(info.log_path))
                     hint = "" if cause.startswith("the engine stopped") else f"; last error logged: {cause}"
                     self._mark_crashed(f"no answer on /health within {info.start_timeout_s:.0f} s{hint} "
                                        f"(log: {info.log_path})")
             return info
 
     def log_tail(self, lines: int = 40) -> str:
-        return "\n".join(read_tail(self.info.log_path).splitlines()[-lines:])
+        return tail(self.info.log_path, lines=lines)
 
     @property
     def api_key(self) -> str | None:
@@ -169,7 +177,7 @@ class Engine:
 
     def _exit_cause(self) -> str:
         code = self._proc.poll() if self._proc is not None else None
-        cause = explain_failure(read_tail(self.info.log_path))
+        cause = explain_failure(tail(self.info.log_path))
         if cause == "the engine stopped without an error message":
             if code is None:  # reattached: another process was its parent, the exit status is not ours
                 cause = "the engine process ended unexpectedly"
@@ -289,7 +297,7 @@ class Engine:
             self._proc = subprocess.Popen(info.command, stdout=log, stderr=subprocess.STDOUT, env=env,
                                           stdin=subprocess.DEVNULL, start_new_session=True)
         info.pid = self._proc.pid
-        info.create_time = procs.start_time_of(self._proc.pid)
+        info.create_time = processes.start_time_of(self._proc.pid)
         info.state, info.started_at, info.error, info.phase = "starting", time.time(), None, "loading model"
         self.info = info
         self._save()
@@ -339,14 +347,14 @@ class Engine:
         pid = self.info.pid
         if pid is None:
             return
-        members = procs.group_members(pid, self.info.create_time)
+        members = procs.engine_members(pid, self.info.create_time)
         for sig in (signal.SIGTERM, signal.SIGKILL):
             if not members:
                 break
             for p in members:
                 with contextlib.suppress(psutil.NoSuchProcess):
                     p.send_signal(sig)
-            members = procs.wait_gone(members, timeout if sig == signal.SIGTERM else 10.0)
+            members = processes.wait_gone(members, timeout if sig == signal.SIGTERM else 10.0)
         if self._proc is not None:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self._proc.wait(timeout=5)  # reap our child so it is not left a zombie
@@ -496,7 +504,7 @@ def build_env(info: EngineInfo, config: ServeConfig) -> dict[str, str]:
         env["VLLM_API_KEY"] = os.environ[info.api_key_env]
     if info.model_type == "gpt_oss":
         # openai_harmony (the chat path of gpt-oss) loads o200k ranks from here instead of the internet.
-        from gptoss_webui.demo import o200k_ranks_file
+        from gptoss_webui.tokenizer import o200k_ranks_file
 
         try:
             env["TIKTOKEN_ENCODINGS_BASE"] = str(o200k_ranks_file().parent)

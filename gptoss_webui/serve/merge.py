@@ -252,8 +252,8 @@ def check_disk_space(base: str, adapter: Path, folder: Path) -> None:
     """Refuse before minutes of merging: the merged copy holds every weight in the merge dtype (an MXFP4
     gpt-oss base grows about 3x: 38.96 GiB in bf16 for gpt-oss-20b), except where the adapter leaves the experts
     untouched: that copy keeps the base's MXFP4 codes and is about the base's size."""
+    from gptoss_webui.architecture import ArchitectureError, resolve_architecture
     from gptoss_webui.mxfp4 import is_mxfp4_config
-    from gptoss_webui.train.memory import EstimateError, resolve_architecture
 
     try:
         base_config = json.loads((Path(base) / "config.json").read_text(encoding="utf-8"))
@@ -265,7 +265,7 @@ def check_disk_space(base: str, adapter: Path, folder: Path) -> None:
     else:
         try:
             params = resolve_architecture(base).total_params
-        except EstimateError:
+        except ArchitectureError:
             return  # an architecture the estimator does not know: let the merge try
         need = params * {"float32": 4}.get(_pick_dtype(base), 2) / 2**30
     free = shutil.disk_usage(folder).free / 2**30

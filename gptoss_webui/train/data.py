@@ -66,6 +66,11 @@ def read_rows(cfg: DataConfig) -> list[Row]:
 
 
 def _read_local(path: Path) -> list[Row]:
+    if path.is_dir():
+        found = sorted(p.name for p in path.iterdir() if p.suffix.lower() in LOCAL_SUFFIXES)
+        inside = f"data files in it: {', '.join(found[:10])}" if found else \
+            f"it holds no {'/'.join(LOCAL_SUFFIXES)} file"
+        raise DataError(f"{path} is a folder; give one data file ({inside})")
     if not path.is_file():
         raise DataError(f"dataset file not found: {path}")
     suffix = path.suffix.lower()
@@ -151,12 +156,18 @@ def to_messages(row: Row, fmt: str) -> list[dict[str, str]] | str:
             raise DataError(f"{row.source}: 'text' must be a non-empty string")
         return text
     if fmt == "alpaca":
+        if not {"instruction", "output"} <= set(d):
+            raise DataError(f"{row.source}: alpaca rows need the fields 'instruction' and 'output' ('input' is "
+                            f"optional); this row has {sorted(d)}")
         for key in ("instruction", "output"):
             if not isinstance(d.get(key), str) or not d[key].strip():
                 raise DataError(f"{row.source}: alpaca rows need a non-empty string '{key}'")
         prompt = d["instruction"] if not d.get("input") else f"{d['instruction']}\n\n{d['input']}"
         return [{"role": "user", "content": prompt}, {"role": "assistant", "content": d["output"]}]
     messages = d.get("messages")
+    if "messages" not in d:
+        raise DataError(f"{row.source}: 'messages' rows need a 'messages' list; this row has {sorted(d)} "
+                        "(data.format: auto detects alpaca and text rows)")
     if not isinstance(messages, list) or not messages:
         raise DataError(f"{row.source}: 'messages' must be a non-empty list")
     out = []
@@ -269,6 +280,9 @@ def prepare(cfg: DataConfig, tokenizer: Any, seed: int = 42, batch_size: int = 1
     rows = read_rows(cfg)
     fmt = cfg.format if cfg.format != "auto" else detect_format(rows[0])
     samples = [(r.source, to_messages(r, fmt)) for r in rows]  # checks every row before tokenizing any
+    if fmt == "messages" and all(not s[-1]["content"].strip() and not s[-1].get("thinking") for _, s in samples):
+        raise DataError(f"{cfg.path}: every assistant answer is empty (e.g. {samples[0][0]}); training on them "
+                        "would teach the model to answer nothing")
     examples, truncated = [], 0
     for source, sample in samples:
         ex = tokenize(tokenizer, sample, cfg.max_length, source)

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import psutil
 
+from gptoss_webui import processes
 from gptoss_webui.config import ConfigError, Recipe, TrainConfig
 from gptoss_webui.events import EventReader, EventWriter
 from gptoss_webui.paths import cache_dir
@@ -66,7 +67,30 @@ def preflight(cfg: TrainConfig, force: bool = False) -> None:
     if cfg.hostfile and not Path(cfg.hostfile).is_file():
         raise LaunchError(f"hostfile not found: {cfg.hostfile}")
     if not force:
+        _check_not_training_already(cfg)
         _check_memory(cfg)
+
+
+def _check_not_training_already(cfg: TrainConfig) -> None:
+    """Two trainings on the same GPUs run out of memory part way; say so before the second one starts."""
+    busy = [r.name for r in RunsDir(cfg.runs_dir).list() if run_state(r) in ("running", "stopping")]
+    if busy:
+        raise LaunchError(f"run '{busy[0]}' is still training in {cfg.runs_dir}, on the same GPUs: wait for it to "
+                          "end or stop it (`python -m gptoss_webui stop NAME`, or Stop in the UI), or launch anyway "
+                          "with --force (CLI) or the Force box (UI)")
+
+
+def busy_gpu_message(found: list, indices: list[int], needed_gib: float) -> str | None:
+    """Why the GPUs a run will use cannot hold it right now: other processes (a vLLM engine, another job) hold
+    memory there, so the card's total, which the estimate is judged against, is not what is free."""
+    for gpu in (g for g in found if g.index in indices):
+        free = gpu.total_gib - gpu.used_gib
+        if needed_gib > free:
+            return (f"GPU {gpu.index} ({gpu.name}) has {free:.1f} GiB free of {gpu.total_gib:.1f}: other processes "
+                    f"hold {gpu.used_gib:.1f} GiB (a serving engine? nvidia-smi shows which), and this run needs "
+                    f"{needed_gib:.1f} GiB. Stop them, pick other cards with CUDA_VISIBLE_DEVICES, or launch anyway "
+                    "with --force (CLI) or the Force box (UI)")
+    return None
 
 
 def _check_lora_targets(cfg: TrainConfig, model_config) -> None:
@@ -88,6 +112,13 @@ def _check_memory(cfg: TrainConfig) -> None:
     estimate = estimate_for_recipe(cfg)
     if not estimate.fits:
         raise LaunchError(f"{estimate.report()}\nLaunch anyway with --force (CLI) or the Force box (UI).")
+    if _has_gpu():
+        from gptoss_webui.hardware import gpus
+
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").strip()
+        indices = [int(i) for i in visible.split(",") if i.strip().isdigit()] if visible else list(range(64))
+        if message := busy_gpu_message(gpus(), indices[:world_size(cfg)], estimate.total_gib):
+            raise LaunchError(message)
 
 
 def _has_gpu() -> bool:
@@ -190,25 +221,15 @@ def _start(run: Run, cfg: TrainConfig, resume_from: str | None) -> None:
         log.flush()
         proc = subprocess.Popen(supervisor, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 env=launch_env(cfg), start_new_session=True)
-    run.write_status(state="running", pid=proc.pid, pgid=proc.pid, command=shlex.join(cmd),
-                     resumed_from=resume_from, started_at=time.time())
-
-
-def _alive(pid: int | None) -> bool:
-    if not pid:
-        return False
-    try:
-        proc = psutil.Process(pid)
-        return proc.status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
+    run.write_status(state="running", pid=proc.pid, pgid=proc.pid, create_time=processes.start_time_of(proc.pid),
+                     command=shlex.join(cmd), resumed_from=resume_from, started_at=time.time())
 
 
 def run_state(run: Run) -> str:
     """created / running / stopping / stopped / finished / failed, repaired if the process vanished."""
     status = run.read_status()
     state = status.get("state", "created")
-    if state in ("running", "stopping") and not _alive(status.get("pid")):
+    if state in ("running", "stopping") and not processes.alive(status.get("pid"), status.get("create_time")):
         # The supervisor records every ending; if it is gone without one, the machine or it was killed.
         state = "stopped" if state == "stopping" else "failed"
         reader = EventReader(run.events_path)
@@ -254,33 +275,19 @@ def stop(run: Run, timeout_s: float = STOP_TIMEOUT_S) -> str:
             proc.send_signal(signal.SIGTERM)
     if not workers:
         # Still starting up (no rank yet): nothing to save, end the whole group.
-        _killpg(pgid, signal.SIGTERM)
+        processes.signal_group(pgid, signal.SIGTERM)
+    created = status.get("create_time")
     deadline = time.time() + timeout_s
-    while time.time() < deadline and _alive(pid):
+    while time.time() < deadline and processes.alive(pid, created):
         time.sleep(0.5)
-    if _alive(pid) or _group_alive(pgid):
-        _killpg(pgid, signal.SIGKILL)
+    if processes.alive(pid, created) or processes.group_members(pgid, created):
+        processes.signal_group(pgid, signal.SIGKILL)
         time.sleep(0.5)
     state = run_state(run)
     if state == "stopping":
         run.write_status(state="stopped")
     checkpoint = run.latest_checkpoint()
     return (f"run {run.name} stopped; last checkpoint: {checkpoint.name if checkpoint else 'none yet'}")
-
-
-def _killpg(pgid: int, sig: int) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pgid, sig)
-
-
-def _group_alive(pgid: int) -> bool:
-    for proc in psutil.process_iter(["pid"]):
-        try:
-            if os.getpgid(proc.pid) == pgid:
-                return True
-        except (ProcessLookupError, psutil.Error):
-            continue
-    return False
 
 
 def follow(run: Run, poll_s: float = 1.0) -> int:

@@ -13,28 +13,63 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import psutil
+
 from gptoss_webui.events import EventReader, EventWriter
+from gptoss_webui.logs import tail
 from gptoss_webui.runs import Run
 
 END_STATES = {"done": "finished", "stopped": "stopped", "error": "failed"}
 
 
 def log_tail(run: Run, lines: int = 40) -> str:
-    try:
-        return "\n".join(run.log_path.read_text(encoding="utf-8", errors="replace").splitlines()[-lines:])
-    except OSError:
-        return ""
+    return tail(run.log_path, max_bytes=256_000, lines=lines)
 
 
-def killed_rank(tail: str) -> tuple[str, str] | None:
-    """(rank, signal name) from DeepSpeed's launcher line "[... --local_rank=N ...] exits with return code = -9"."""
+def killing_signal(tail: str) -> str | None:
+    """The signal that ended a rank, from DeepSpeed's launcher line "[...] exits with return code = -9". That line
+    quotes the last rank's command whichever rank died (launch.py formats the loop's last `cmd`), so it names no
+    rank; `RankWatch` does."""
     for line in reversed(tail.splitlines()):
-        m = re.search(r"--local_rank=(\d+).*exits with return code = (-\d+)", line)
+        m = re.search(r"exits with return code = (-\d+)", line)
         if m:
-            return m.group(1), signal.Signals(-int(m.group(2))).name
+            return signal.Signals(-int(m.group(1))).name
     return None
+
+
+class RankWatch:
+    """Which ranks vanished first: polled while the launcher runs, since DeepSpeed kills the others about a second
+    after one dies and then reports the death under the wrong rank."""
+
+    def __init__(self, launcher_pid: int) -> None:
+        self.launcher_pid = launcher_pid
+        self.ranks: dict[int, int] = {}  # pid -> local rank, of every rank seen
+        self.first_gone: list[int] = []
+
+    def poll(self) -> None:
+        from gptoss_webui.train.launcher import worker_processes
+
+        alive = set()
+        for proc in worker_processes(self.launcher_pid):
+            try:
+                rank = next(int(a.split("=", 1)[1]) for a in proc.cmdline() if a.startswith("--local_rank="))
+            except (StopIteration, ValueError, psutil.Error):
+                continue
+            self.ranks[proc.pid] = rank
+            alive.add(proc.pid)
+        gone = sorted(rank for pid, rank in self.ranks.items() if pid not in alive)
+        if gone and alive and not self.first_gone:  # some ranks died while others still ran
+            self.first_gone = gone
+
+    def describe(self) -> str:
+        if len(self.first_gone) == 1:
+            return f"training rank {self.first_gone[0]}"
+        if self.first_gone:
+            return f"training ranks {', '.join(map(str, self.first_gone))}"
+        return "a training rank"
 
 
 def describe_exit(code: int) -> str:
@@ -50,18 +85,23 @@ def main(argv: list[str]) -> int:
     # Stop requests go to the ranks (they save first); this process must outlive them to record the end.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    code = subprocess.call(cmd)
+    launcher = subprocess.Popen(cmd)
+    watch = RankWatch(launcher.pid)
+    while launcher.poll() is None:
+        watch.poll()
+        time.sleep(0.2)
+    code = launcher.returncode
     reader = EventReader(run.events_path)
     reader.poll()
     final = reader.final()
-    killed = killed_rank(log_tail(run, 400)) if code != 0 else None
-    if killed is not None and (final is None or final["type"] == "error"):
-        # The surviving ranks only see a broken connection; name the rank that really died.
-        rank, sig = killed
+    sig = killing_signal(log_tail(run, 400)) if code != 0 else None
+    if sig is not None and (final is None or final["type"] == "error"):
+        # The surviving ranks only see a broken connection, and their tracebacks say nothing about the cause:
+        # name the rank that really died, and leave the log (train.log) to whoever wants the details.
         final = EventWriter(run.events_path).emit(
-            "error", message=f"training rank {rank} was killed by {sig} (out of host memory, or killed by hand); "
-            "the other ranks stopped with it. Resume continues from the last checkpoint",
-            log_tail=log_tail(run))
+            "error", message=f"{watch.describe()} was killed by {sig} (out of host memory, or killed by hand); "
+            f"the other ranks stopped with it; details in {run.log_path}. Resume continues from the last "
+            "checkpoint", log_tail="")
     if final is None:
         stopping = run.read_status().get("state") == "stopping"
         if stopping:

@@ -131,6 +131,7 @@ class ProgressCallback(TrainerCallback):
         self.tokens_last = 0
         self.first_step: int | None = None
         self.t_step_end = self.t0
+        self.step_lr: float | None = None
 
     def emit(self, type: str, **fields: Any) -> None:
         if self.events is not None:
@@ -141,6 +142,14 @@ class ProgressCallback(TrainerCallback):
         self.t0 = self.t_last = time.time()
         self.tokens_last = state.num_input_tokens_seen
         self.emit("start", total_steps=state.max_steps, resumed_from_step=state.global_step, **self.start_info)
+
+    def on_step_begin(self, args, state, control, lr_scheduler=None, **kwargs):
+        # The rate this step will use. The Trainer logs the scheduler's rate after the step, and under DeepSpeed
+        # (which steps the scheduler itself) transformers 5.17 logged the next step's rate.
+        try:
+            self.step_lr = lr_scheduler.get_last_lr()[0]
+        except (AttributeError, AssertionError, IndexError):  # no scheduler yet (fp16 loss-scale warm-up)
+            self.step_lr = None
 
     def on_step_end(self, args, state, control, **kwargs):
         self.t_step_end = time.time()
@@ -158,7 +167,7 @@ class ProgressCallback(TrainerCallback):
             elapsed = now - self.t0
             eta = (state.max_steps - state.global_step) * elapsed / steps_done if steps_done else None
             self.emit("step", step=state.global_step, total=state.max_steps, epoch=round(state.epoch or 0, 4),
-                       loss=logs["loss"], lr=logs.get("learning_rate"), grad_norm=logs.get("grad_norm"),
+                       loss=logs["loss"], lr=self.step_lr, grad_norm=logs.get("grad_norm"),
                        tokens_per_s=round((tokens - self.tokens_last) / max(now - self.t_last, 1e-9), 1),
                        peak_mem_gib=round(peak_memory_gib(), 3), elapsed_s=round(elapsed, 2),
                        eta_s=None if eta is None else round(eta, 1))

@@ -74,6 +74,16 @@ def check_path(value: str, runs_dir: str | Path) -> str | None:
     return "outside"
 
 
+def outside_paths(recipe, runs_dir: str | Path) -> list[str]:
+    """`key: value` for every file or folder the recipe names that the UI may not read: the model, the dataset, the
+    DeepSpeed hostfile (DeepSpeed prints a bad hostfile's text back), the served model and adapters. Whatever
+    widget or free-form line set them."""
+    named = [("train.model", recipe.train.model), ("train.data.path", recipe.train.data.path),
+             ("train.hostfile", recipe.train.hostfile or ""), ("serve.model", recipe.serve.model),
+             *((f"serve.adapters.{name}", path) for name, path in recipe.serve.adapters.items())]
+    return [f"{key}: {value}" for key, value in named if check_path(value, runs_dir)]
+
+
 def redact(text: str) -> str:
     """Logs and error messages on their way to the page: hide token-like strings and the values of
     secret-looking environment variables (HF_TOKEN, *_API_KEY, GPTOSS_WEBUI_AUTH...)."""

@@ -36,8 +36,8 @@ def render(turns: list[dict[str, str]], lang: str, pending: bool = False) -> lis
     return out
 
 
-def build(L: Localizer, lang: gr.Radio, runs_dir: str) -> None:
-    control = control_for(runs_dir)
+def build(L: Localizer, lang: gr.Radio) -> None:
+    control = control_for()
     recipe0 = load_preset(DEFAULT_PRESET) if DEFAULT_PRESET in preset_names() else Recipe()
     with gr.Row():
         model = L.labelled(gr.Dropdown, "chat.model", choices=[], scale=3, elem_id="gw-chat-model")
@@ -145,10 +145,13 @@ def build(L: Localizer, lang: gr.Radio, runs_dir: str) -> None:
             return [gr.skip()] * 5
         text = (t("chat.engine_at", lang_v, url=snap.info.base_url) if names
                 else "_" + t("chat.no_engine", lang_v, state=t("engine." + snap.state, lang_v)) + "_")
+        if len(names) == 1:  # a merged run (or a base alone) is one model: nothing to compare it with
+            text += "  \n_" + t("chat.compare_one", lang_v, name=names[0]) + "_"
         adapter = names[-1] if len(names) > 1 else (names[0] if names else None)
+        others = names if len(names) > 1 else []
         return [gr.update(choices=names, value=current if current in names else adapter), text,
-                gr.update(choices=names, value=a if a in names else (names[0] if names else None)),
-                gr.update(choices=names, value=b if b in names else adapter), sig]
+                gr.update(choices=others, value=a if a in others else (others[0] if others else None)),
+                gr.update(choices=others, value=b if b in others else (adapter if others else None)), sig]
 
     seen = gr.State(None)
     poll_in, poll_out = [lang, model, model_a, model_b, seen], [model, status, model_a, model_b, seen]

@@ -2,8 +2,9 @@
 
 Starting an engine (and merging an adapter first) takes tens of seconds to minutes, longer than a
 click should block; the task runs in a thread and records what it says, and every page polls
-`snapshot()`. The engine's own state lives in <runs_dir>/engine.json, so a reloaded page or a restarted
-UI finds a running engine again (the engine runs in its own session and outlives the UI).
+`snapshot()`. The engine's own state lives in serve.engine.state_file(), the workspace's engine.json that
+`python -m gptoss_webui serve` writes and reads too: a reloaded page, a restarted UI and the CLI all find a
+running engine again (the engine runs in its own session and outlives whoever started it).
 """
 
 from __future__ import annotations
@@ -112,9 +113,11 @@ class EngineControl:
 _controls: dict[Path, EngineControl] = {}
 
 
-def control_for(runs_dir: str | Path) -> EngineControl:
-    """One control per state file in this process, shared by every browser session."""
-    path = (Path(runs_dir) / "engine.json").resolve()
+def control_for() -> EngineControl:
+    """One control per engine state file (one per workspace) in this process, shared by every browser session."""
+    from gptoss_webui.serve.engine import state_file
+
+    path = state_file().resolve()
     if path not in _controls:
         _controls[path] = EngineControl(path)
     return _controls[path]

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from gptoss_webui.config import ConfigError, Recipe, ServeConfig, apply_override
+from gptoss_webui.config import ConfigError, Recipe, ServeConfig, apply_override, in_section
 from gptoss_webui.paths import workspace_dir
 
 Widget = str  # int, float, check, radio, dropdown, multi, layers, text, model, data
@@ -138,13 +138,7 @@ def form_values(recipe: Recipe, fields: list[FormField] = FIELDS) -> list[Any]:
 def parse_extra(text: str) -> list[str]:
     """The free-form box: one `key=value` per line (like --set); blank lines and # comments skipped."""
     lines = [ln.strip() for ln in (text or "").splitlines()]
-    out = []
-    for ln in lines:
-        if not ln or ln.startswith("#"):
-            continue
-        key = ln.split("=", 1)[0].strip()
-        out.append(ln if key.startswith(("train.", "serve.", "description")) else f"train.{ln}")
-    return out
+    return in_section([ln for ln in lines if ln and not ln.startswith("#")], "train")
 
 
 def recipe_from_form(base: dict[str, Any], values: list[Any], extra: str, runs_dir: str) -> Recipe:

@@ -39,7 +39,7 @@ def build_page(runs_dir: str = "runs", lang: str | None = None):
             with L.bind(gr.Tab(L("tab.serve"), id="serve", elem_id="gw-tab-serve"), label="tab.serve"):
                 serve = serve_tab.build(L, lang_pick, runs_dir)
             with L.bind(gr.Tab(L("tab.chat"), id="chat", elem_id="gw-tab-chat"), label="tab.chat"):
-                chat_tab.build(L, lang_pick, runs_dir)
+                chat_tab.build(L, lang_pick)
 
         def hardware_md(lang_v: str) -> str:
             try:

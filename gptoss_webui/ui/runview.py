@@ -43,20 +43,6 @@ def run_state(run: Run) -> str:
     return launcher_state(run)
 
 
-def log_tail(path: Path, limit: int = LOG_TAIL_BYTES) -> str:
-    try:
-        with open(path, "rb") as fh:
-            fh.seek(0, 2)
-            size = fh.tell()
-            fh.seek(max(0, size - limit))
-            text = fh.read().decode("utf-8", errors="replace")
-    except FileNotFoundError:
-        return ""
-    if size > limit:
-        text = text.split("\n", 1)[-1]  # drop the partial first line
-    return text
-
-
 @dataclass
 class RunView:
     name: str

@@ -14,7 +14,7 @@ import gradio as gr
 from gptoss_webui.config import ConfigError, Recipe
 from gptoss_webui.presets import load_preset, preset_names
 from gptoss_webui.runs import RunsDir
-from gptoss_webui.ui.access import redact
+from gptoss_webui.ui.access import outside_paths, redact
 from gptoss_webui.ui.engine_ctl import Snapshot, control_for
 from gptoss_webui.ui.form import SERVE_FIELDS, form_values, serve_from_form
 from gptoss_webui.ui.i18n import Localizer, t, warn
@@ -66,7 +66,7 @@ def adapters_md(snap: Snapshot, lang: str) -> str:
 
 
 def build(L: Localizer, lang: gr.Radio, runs_dir: str) -> ServeTab:
-    control = control_for(runs_dir)
+    control = control_for()
     recipe0 = load_preset(DEFAULT_PRESET) if DEFAULT_PRESET in preset_names() else Recipe()
     base = gr.State(recipe0.serve.model_dump(mode="json"))
 
@@ -132,10 +132,14 @@ def build(L: Localizer, lang: gr.Radio, runs_dir: str) -> ServeTab:
 
     def config(lang_v: str, base_v: dict, values: tuple):
         try:
-            return serve_from_form(base_v, SERVE_FIELDS, list(values))
+            cfg = serve_from_form(base_v, SERVE_FIELDS, list(values))
         except ConfigError as exc:
             warn(lang_v, str(exc))
             return None
+        if refused := outside_paths(Recipe(serve=cfg), runs_dir):
+            warn(lang_v, t("msg.path_outside", lang_v, what=refused[0]))
+            return None
+        return cfg
 
     def on_start(lang_v: str, base_v: dict, *values: Any):
         cfg = config(lang_v, base_v, values)

@@ -16,11 +16,12 @@ from typing import Any
 import gradio as gr
 
 from gptoss_webui.config import ConfigError, Recipe
+from gptoss_webui.logs import tail
 from gptoss_webui.paths import workspace_dir
 from gptoss_webui.presets import load_preset, preset_names
 from gptoss_webui.runs import RunsDir
 from gptoss_webui.ui import runview
-from gptoss_webui.ui.access import check_path, redact
+from gptoss_webui.ui.access import outside_paths, redact
 from gptoss_webui.ui.form import (
     FIELDS,
     apply_to_form,
@@ -44,11 +45,10 @@ class TrainTab:
 # --- form -> config -> estimate / command -------------------------------------------------------
 
 def _recipe(runs_dir: str, lang: str, base: dict, extra: str, values: list[Any]) -> Recipe:
-    """The form as a validated Recipe; paths outside the workspace are refused (see access.check_path)."""
+    """The form as a validated Recipe; paths outside the workspace are refused (see access.outside_paths)."""
     recipe = recipe_from_form(base, values, extra, runs_dir)
-    for label, value in (("train.model", recipe.train.model), ("train.data.path", recipe.train.data.path)):
-        if check_path(value, runs_dir):
-            raise ConfigError(t("msg.path_outside", lang, what=f"{label}: {value}"))
+    if refused := outside_paths(recipe, runs_dir):
+        raise ConfigError(t("msg.path_outside", lang, what=refused[0]))
     return recipe
 
 
@@ -325,7 +325,7 @@ def build(L: Localizer, lang: gr.Radio, runs_dir: str) -> TrainTab:  # noqa: C90
         except FileNotFoundError:
             return [gr.update(choices=names, value=None), t("train.no_run", lang_v), *[gr.skip()] * 6, None]
         v = runview.view(run)
-        log_text = redact(runview.log_tail(run.log_path))
+        log_text = redact(tail(run.log_path, runview.LOG_TAIL_BYTES))
         sig = (name, tuple(names), lang_v, v.state, v.n_events, len(log_text), log_text[-200:])
         if sig == seen_v and not forced:
             return [gr.skip()] * len(poll_out)

@@ -53,12 +53,20 @@ def wait_http(url: str, proc: subprocess.Popen, timeout: float = 120) -> None:
     raise TimeoutError(f"the UI did not answer on {url} within {timeout:.0f} s")
 
 
+def app_workspace(runs_dir: Path) -> Path:
+    """The workspace of the app that `running_app(runs_dir)` starts: its own engine.json and uploads, the built
+    demo models and caches shared."""
+    from serve_fixtures import private_workspace
+
+    return private_workspace(runs_dir.parent / "workspace")
+
+
 @contextlib.contextmanager
 def running_app(runs_dir: Path, *args: str, log: Path | None = None,
                 env: dict[str, str] | None = None) -> Iterator[str]:
     """`python webui.py --port P --runs-dir R ...` until the block exits; yields the base URL."""
     port = free_port()
-    full_env = {**os.environ, "GPTOSS_WORKSPACE": str(REPO / "workspace"), "PYTHONUNBUFFERED": "1",
+    full_env = {**os.environ, "GPTOSS_WORKSPACE": str(app_workspace(runs_dir)), "PYTHONUNBUFFERED": "1",
                 "GRADIO_ANALYTICS_ENABLED": "False", **(env or {})}
     log = log or runs_dir.parent / "webui.log"
     with open(log, "ab") as out:

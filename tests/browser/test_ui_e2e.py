@@ -16,6 +16,7 @@ from pathlib import Path
 
 from .harness import (
     BROWSER_MARKS,
+    app_workspace,
     browser_page,
     free_port,
     plotted_points,
@@ -42,7 +43,7 @@ def _kill_leftovers(runs: Path) -> None:
     pgids = []
     for status in runs.glob("*/status.json"):
         pgids.append(json.loads(status.read_text()).get("pgid"))
-    engine = runs / "engine.json"
+    engine = app_workspace(runs) / "engine.json"
     if engine.is_file():
         pgids.append(json.loads(engine.read_text()).get("pid"))
     for pgid in filter(None, pgids):
