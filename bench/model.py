@@ -46,10 +46,10 @@ def build_random_model(config, attention: str, device: str, dtype: torch.dtype =
 
     if base_weights == "mxfp4":
         from gptoss_webui.mxfp4 import random_checkpoint_tensors
-        from gptoss_webui.train.weights import assemble_model
+        from gptoss_webui.train.weights import assemble_for_training
 
         tensors = dict(random_checkpoint_tensors(config, dtype, device))
-        return assemble_model(config, tensors, dtype, attention, source="random weights")
+        return assemble_for_training(config, tensors, dtype, attention, source="random weights")
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attention)
     model.config.use_cache = False

@@ -18,16 +18,17 @@ from pathlib import Path
 import torch
 
 from bench.model import gpt_oss_20b_config
+from gptoss_webui.checkpoint import decode_expert_tensors
 from gptoss_webui.mxfp4 import random_checkpoint_tensors
 from gptoss_webui.presets import load_recipe
-from gptoss_webui.train.weights import assemble_model, decode_expert_tensors
+from gptoss_webui.train.weights import assemble_for_training
 from gptoss_webui.train.worker import prepare_model
 
 
 def build(tensors: dict, config, base: str, cfg):
     if base == "bf16":  # decode every expert weight up front, into transformers' [E, in, out] layout
         decode_expert_tensors(tensors, torch.bfloat16)
-    model = assemble_model(config, tensors, torch.bfloat16, "flex_attention", source="random weights")
+    model = assemble_for_training(config, tensors, torch.bfloat16, "flex_attention", source="random weights")
     torch.manual_seed(0)
     model = prepare_model(model, cfg)
     with torch.no_grad():

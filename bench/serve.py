@@ -44,11 +44,11 @@ from importlib import metadata
 from pathlib import Path
 
 from gptoss_webui.config import ServeConfig
-from gptoss_webui.demo import resolve_model
 from gptoss_webui.serve import plan
 from gptoss_webui.serve.chat import ChatClient, ChatError, SamplingParams
 from gptoss_webui.serve.engine import Engine
 from gptoss_webui.serve.merge import merge_in_subprocess
+from gptoss_webui.sources import resolve_model
 
 ADAPTER = "adp"
 STAGES = ("base", "hotload", "merged")

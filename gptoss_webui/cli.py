@@ -10,13 +10,14 @@ import argparse
 import sys
 
 from gptoss_webui.config import ConfigError
+from gptoss_webui.presets import DEFAULT_PRESET
 
 
 class UserError(Exception):
     """A problem the user can fix: printed without a traceback."""
 
 
-def _add_recipe_args(p: argparse.ArgumentParser, default: str | None = "tiny-cpu-demo") -> None:
+def _add_recipe_args(p: argparse.ArgumentParser, default: str | None = DEFAULT_PRESET) -> None:
     p.add_argument("--config", default=default, help="preset name (see `presets`) or YAML file "
                    f"[default: {default}]")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -39,7 +40,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print("Embedded demo ready (random weights, real o200k_harmony tokenizer):")
     for key, path in built.items():
         print(f"  {key:13s} {path}")
-    print("Train it:  python -m gptoss_webui train --config tiny-cpu-demo")
+    print(f"Train it:  python -m gptoss_webui train --config {DEFAULT_PRESET}")
     return 0
 
 
@@ -64,9 +65,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     from gptoss_webui.train.launcher import follow, launch, resume
 
     if args.resume:
-        run = resume(args.resume, runs_dir=args.runs_dir, force=args.force)
+        run = resume(args.resume, runs_dir=args.runs_dir, force=args.force, wait_in_queue=not args.no_queue)
     else:
-        run = launch(_recipe(args, "train"), force=args.force)
+        run = launch(_recipe(args, "train"), force=args.force, wait_in_queue=not args.no_queue)
     print(f"run folder: {run.path}\nlog: {run.log_path}")
     if args.detach:
         return 0
@@ -130,9 +131,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs-dir", default="runs", help="where runs live (for --resume)")
     p.add_argument("--force", action="store_true", help="launch even if the estimate says it cannot fit")
     p.add_argument("--detach", action="store_true", help="return once launched instead of following")
+    p.add_argument("--no-queue", action="store_true", help="refuse, instead of waiting in line, when another job "
+                   "holds the GPUs")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("stop", help="stop a running training run (it saves a checkpoint first)")
+    p = sub.add_parser("stop", help="stop a running training run (it saves a checkpoint first), or take a "
+                       "queued one out of the queue")
     p.add_argument("run", help="run folder name")
     p.add_argument("--runs-dir", default="runs")
     p.set_defaults(func=cmd_stop)

@@ -30,10 +30,14 @@ DataFormat = Literal["auto", "messages", "alpaca", "text"]
 
 
 MAX_LENGTH_LIMIT = 131072  # gpt-oss's context
+# Marks a field whose value names a file or folder the app will read: the web UI refuses such paths outside its
+# workspace and runs folders (ui/access.py), found through `file_fields`, not a list kept by hand.
+READS_FILES = {"reads_files": True}
 
 
 class DataConfig(_Strict):
-    path: str = Field("demo:harmony", description="Local JSONL/JSON/CSV/Parquet file, a `datasets` name, "
+    path: str = Field("demo:harmony", json_schema_extra=READS_FILES,
+                      description="Local JSONL/JSON/CSV/Parquet file, a `datasets` name, "
                       "or demo:harmony (the shipped demo set)")
     format: DataFormat = Field("auto", description="messages (harmony chat), alpaca, text, or auto-detect")
     split: str = Field("train", description="Split to read from a `datasets` name")
@@ -98,8 +102,9 @@ class DeepSpeedConfig(_Strict):
 
 
 class TrainConfig(_Strict):
-    model: str = Field("demo:tiny-gpt-oss", description="Local model folder, hub name already cached, "
-                       "or demo:tiny-gpt-oss / demo:tiny-dense")
+    model: str = Field("demo:tiny-gpt-oss", json_schema_extra=READS_FILES,
+                       description="Local model folder, hub name already cached, or demo:tiny-gpt-oss / "
+                       "demo:tiny-dense")
     data: DataConfig = Field(default_factory=DataConfig)
     lora: LoraConfig = Field(default_factory=LoraConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
@@ -116,8 +121,9 @@ class TrainConfig(_Strict):
                           "one-time compile of about a minute")
     num_gpus: int | None = Field(None, ge=1, description="Ranks to launch; None = all visible GPUs "
                                  "(on a CPU machine: 1)")
-    hostfile: str | None = Field(None, description="DeepSpeed hostfile for several nodes (`host slots=N` "
-                                 "lines); None = this machine only")
+    hostfile: str | None = Field(None, json_schema_extra=READS_FILES,
+                                 description="DeepSpeed hostfile for several nodes (`host slots=N` lines); None = "
+                                 "this machine only")
     gpu_memory_gib: float | None = Field(None, gt=0, description="Per-GPU memory for the estimate; "
                                          "None = read from the GPUs present")
     runs_dir: str = Field("runs", description="Folder that holds one folder per run")
@@ -143,8 +149,10 @@ class TrainConfig(_Strict):
 
 
 class ServeConfig(_Strict):
-    model: str = Field("demo:tiny-gpt-oss", description="Base or merged model folder to serve")
-    adapters: dict[str, str] = Field(default_factory=dict, description="name -> adapter folder, loaded at start")
+    model: str = Field("demo:tiny-gpt-oss", json_schema_extra=READS_FILES,
+                       description="Base or merged model folder to serve")
+    adapters: dict[str, str] = Field(default_factory=dict, json_schema_extra=READS_FILES,
+                                     description="name -> adapter folder, loaded at start")
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
     max_model_len: int = Field(4096, ge=64)
     gpu_memory_utilization: float = Field(0.85, gt=0.05, le=0.98,
@@ -210,6 +218,19 @@ class Recipe(_Strict):
 
 
 # --- overrides and messages --------------------------------------------------------------------
+
+def file_fields(model: BaseModel, prefix: str = "") -> list[tuple[str, str]]:
+    """(dotted key, value) for every READS_FILES field set in `model` and its sections; a dict field gives one
+    entry per item (`serve.adapters.NAME`)."""
+    found = []
+    for name, info in type(model).model_fields.items():
+        value, key = getattr(model, name), f"{prefix}{name}"
+        if isinstance(value, BaseModel):
+            found += file_fields(value, key + ".")
+        elif (info.json_schema_extra or {}).get("reads_files") and value:
+            found += [(f"{key}.{k}", v) for k, v in value.items()] if isinstance(value, dict) else [(key, value)]
+    return found
+
 
 def in_section(items: list[str], section: str) -> list[str]:
     """`key=value` overrides as the CLI and the UI take them: a key not spelled out from the top (`train.`,

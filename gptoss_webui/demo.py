@@ -2,9 +2,7 @@
 
 Everything is built offline and deterministically (seeded), with the tokenizer of gptoss_webui.tokenizer.
 Builds are cached under the workspace and rebuilt when a file is missing or its checksum does not match.
-`resolve_model` and `resolve_dataset` turn these names into paths wherever a model or dataset is expected.
-
-Names usable wherever a model or dataset path is expected:
+Names usable wherever a model or dataset path is expected (gptoss_webui.sources turns them into paths):
   demo:tiny-gpt-oss   GptOssForCausalLM, 2 layers (sliding + full), 4 experts, head_dim 32
   demo:tiny-gpt-oss-mxfp4  the same shape in the released checkpoints' layout: MXFP4 experts (random codes)
   demo:tiny-dense     LlamaForCausalLM of the same width and tokenizer (vLLM's CPU build runs LoRA on it)
@@ -19,10 +17,10 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from gptoss_webui.paths import package_data, workspace_dir
+from gptoss_webui.paths import workspace_dir
+from gptoss_webui.sources import resolve_dataset
 from gptoss_webui.tokenizer import VOCAB_SIZE, build_tokenizer, harmony_special_tokens, sha256
 
-DEMO_PREFIX = "demo:"
 BUILD_VERSION = 1  # bump when the recipe below changes: cached builds are then rebuilt
 
 
@@ -136,22 +134,6 @@ def ensure_demo_model(name: str) -> Path:
     shutil.rmtree(folder, ignore_errors=True)
     tmp.rename(folder)
     return folder
-
-
-def resolve_model(spec: str) -> str:
-    """Turn `demo:<name>` into the built folder; any other spec is returned unchanged."""
-    if spec.startswith(DEMO_PREFIX):
-        return str(ensure_demo_model(spec[len(DEMO_PREFIX):]))
-    return spec
-
-
-def resolve_dataset(spec: str) -> str:
-    if spec.startswith(DEMO_PREFIX):
-        name = spec[len(DEMO_PREFIX):]
-        if name not in DEMO_DATASETS:
-            raise ValueError(f"unknown demo dataset '{name}'; known: {', '.join(DEMO_DATASETS)}")
-        return str(package_data() / DEMO_DATASETS[name])
-    return spec
 
 
 def build_all() -> dict[str, str]:

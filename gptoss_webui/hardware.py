@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 
@@ -34,6 +35,12 @@ def gpus() -> list[Gpu]:
         return found
     finally:
         pynvml.nvmlShutdown()
+
+
+def visible_ids(count: int) -> list[int]:
+    """The GPU ids `count` processes or ranks will use: the first of CUDA_VISIBLE_DEVICES, else 0..count-1."""
+    visible = [int(i) for i in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if i.strip().isdigit()]
+    return (visible or list(range(count)))[:count]
 
 
 def summary() -> str:

@@ -15,5 +15,11 @@ def cache_dir() -> Path:
     return workspace_dir() / "cache"
 
 
+def engine_state_file() -> Path:
+    """The serving engine's state, one per workspace: the CLI and the UI both read and write it (serve/engine.py),
+    and the training queue reads which GPUs the engine holds."""
+    return workspace_dir() / "engine.json"
+
+
 def package_data() -> Path:
     return Path(__file__).parent / "data"

@@ -9,6 +9,14 @@ from gptoss_webui.config import ConfigError, Recipe
 PRESETS_DIR = Path(__file__).resolve().parent.parent / "presets"
 
 
+DEFAULT_PRESET = "tiny-cpu-demo"  # the embedded demo: what the CLI and every UI tab start from
+
+
+def default_recipe() -> Recipe:
+    """The default preset's recipe (a plain Recipe when the presets folder is missing)."""
+    return load_preset(DEFAULT_PRESET) if DEFAULT_PRESET in preset_names() else Recipe()
+
+
 def preset_names(presets_dir: Path = PRESETS_DIR) -> list[str]:
     return sorted(p.stem for p in presets_dir.glob("*.yaml"))
 

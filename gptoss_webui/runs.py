@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-RUN_STATES = ("created", "running", "stopping", "stopped", "finished", "failed")
+RUN_STATES = ("created", "queued", "running", "stopping", "stopped", "finished", "failed")
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -17,6 +17,7 @@ import urllib.request
 from pathlib import Path
 
 from gptoss_webui.paths import cache_dir, package_data
+from gptoss_webui.runs import atomic_write_text
 
 VOCAB_SIZE = 201_088  # gpt-oss: o200k_base (199,998 ranks) + harmony specials, ids < 201,088
 
@@ -56,10 +57,7 @@ def o200k_ranks_file() -> Path:
     text = _tiktoken_text_from_js_ranks(source)
     if sha256(text.encode()) != O200K_SHA256:
         raise RuntimeError("rebuilt o200k_base ranks do not match OpenAI's published checksum")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_suffix(".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(target)
+    atomic_write_text(target, text)
     return target
 
 

@@ -121,7 +121,7 @@ def make_scripted_gpt_oss(out_dir: str | Path) -> Path:
     import torch
     from safetensors.torch import load_file, save_file
 
-    from gptoss_webui.demo import resolve_model
+    from gptoss_webui.sources import resolve_model
 
     out_dir = Path(out_dir)
     shutil.copytree(resolve_model("demo:tiny-gpt-oss"), out_dir, ignore=shutil.ignore_patterns("BUILD.json"))

@@ -9,7 +9,7 @@ import statistics
 from transformers import AutoTokenizer
 
 from bench.cookbook import main, rows
-from gptoss_webui.demo import resolve_model
+from gptoss_webui.sources import resolve_model
 
 CPU = ["model=demo:tiny-gpt-oss", "precision=fp32", "compile=false", "num_gpus=2", "gpu_memory_gib=null",
        "lora.expert_layers=[1]", "optim.micro_batch_size=1", "optim.gradient_accumulation_steps=1", "save_steps=3"]

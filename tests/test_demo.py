@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from gptoss_webui import demo
 from gptoss_webui import tokenizer as tokenizer_module
+from gptoss_webui.sources import resolve_dataset
 
 SAMPLES = [
     "Hello, world!",
@@ -86,7 +87,7 @@ def _harmony_conversation(messages: list[dict], effort: oh.ReasoningEffort) -> o
 
 
 def test_chat_template_renders_exactly_like_harmony(tokenizer, harmony):
-    rows = [json.loads(line) for line in Path(demo.resolve_dataset("demo:harmony")).read_text("utf-8").splitlines()]
+    rows = [json.loads(line) for line in Path(resolve_dataset("demo:harmony")).read_text("utf-8").splitlines()]
     rows.append({"messages": [
         {"role": "user", "content": "q0"}, {"role": "assistant", "content": "a0", "thinking": "dropped"},
         {"role": "user", "content": "q1"}, {"role": "assistant", "content": "a1", "thinking": "kept"}]})
@@ -105,7 +106,7 @@ def test_chat_template_renders_exactly_like_harmony(tokenizer, harmony):
 
 
 def test_demo_dataset_is_harmony_messages_with_some_thinking():
-    rows = [json.loads(line) for line in Path(demo.resolve_dataset("demo:harmony")).read_text("utf-8").splitlines()]
+    rows = [json.loads(line) for line in Path(resolve_dataset("demo:harmony")).read_text("utf-8").splitlines()]
     assert len(rows) >= 20
     assert any("thinking" in m for r in rows for m in r["messages"])
     assert all(r["messages"][-1]["role"] == "assistant" for r in rows)

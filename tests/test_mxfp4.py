@@ -195,8 +195,8 @@ def test_merge_writes_what_vllm_loads(tiny_gpt_oss_mxfp4, tmp_path, expert_layer
     """An adapter trained on the MXFP4 path merges into a folder whose logits equal HF+peft's (merge_adapter
     checks that, to 1e-4 in fp32); its experts are merged in the model's dtype when the adapter changes them,
     else kept as the base's own MXFP4 codes with quantization_config, as vLLM loads them."""
+    from gptoss_webui.checkpoint import read_safetensors
     from gptoss_webui.serve.merge import merge_adapter
-    from gptoss_webui.train.weights import read_safetensors
 
     model, _, _ = _model(tiny_gpt_oss_mxfp4, "mxfp4", lora={"expert_layers": expert_layers})
     model.save_pretrained(tmp_path / "adapter")

@@ -83,16 +83,17 @@ def test_an_unwritable_runs_folder_is_one_line_in_the_cli(tmp_path, monkeypatch,
     assert f"error: cannot create the runs folder {tmp_path / 'locked'}: permission denied; give one" in err
 
 
-def test_a_second_training_beside_a_running_one_is_refused_unless_forced(tmp_path):
+def test_a_second_training_beside_a_running_one_is_refused_without_the_queue(tmp_path):
     import os
 
     from gptoss_webui.runs import RunsDir
 
     other = RunsDir(tmp_path / "runs").create("first")
     other.config_path.write_text("train: {}\n")
-    other.write_status(state="running", pid=os.getpid(), pgid=os.getpid())  # a live process: "running"
-    with pytest.raises(LaunchError, match=r"run 'first' is still training in .*: wait for it to end or stop it"):
-        _launch(tmp_path, "train.optim.max_steps=1")
+    other.write_status(state="running", pid=os.getpid(), pgid=os.getpid())  # a live process, from before the ledger
+    with pytest.raises(LaunchError, match=r"GPUs 0,1 are taken by run first \(GPUs 0,1\): two jobs on one GPU run "
+                                          r"out of memory part way.*without --no-queue to wait in line"):
+        launch(load_recipe("tiny-cpu-demo", [f"train.runs_dir={tmp_path / 'runs'}"]), wait_in_queue=False)
 
 
 def test_memory_held_by_other_processes_on_the_chosen_gpus_is_named():

@@ -45,12 +45,12 @@ from serve_fixtures import (
     private_workspace,
 )
 
-from gptoss_webui.demo import resolve_model
 from gptoss_webui.serve import plan
 from gptoss_webui.serve.chat import CancelToken, ChatClient, ChatError, SamplingParams
 from gptoss_webui.serve.engine import Engine, EngineError
 from gptoss_webui.serve.merge import PROVENANCE_FILE, previous_merge
 from gptoss_webui.serve.procs import port_free
+from gptoss_webui.sources import resolve_model
 
 pytestmark = pytest.mark.slow
 NEW_TOKENS = 8

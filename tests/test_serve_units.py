@@ -13,7 +13,6 @@ from serve_fixtures import cpu_serve_config, make_adapter
 
 from gptoss_webui.cli import build_parser, main
 from gptoss_webui.config import Recipe, ServeConfig
-from gptoss_webui.demo import resolve_model
 from gptoss_webui.serve import plan
 from gptoss_webui.serve.command import serve_config_from_args
 from gptoss_webui.serve.diagnose import explain_failure
@@ -24,6 +23,7 @@ from gptoss_webui.serve.engine import (
     build_command,
     build_env,
 )
+from gptoss_webui.sources import resolve_model
 
 GPT_OSS = {"model_type": "gpt_oss"}
 LLAMA = {"model_type": "llama"}

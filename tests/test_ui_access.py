@@ -57,9 +57,23 @@ def test_paths_outside_the_workspace_are_refused(tmp_path, monkeypatch):
     assert check_path(str(ws / "data" / ".." / ".." / "x"), runs) == "outside"
 
 
+def _file_field_keys(model: type, prefix: str = "") -> list[tuple[str, bool]]:
+    """(dotted key, is a dict) of every field the typed config marks as naming files (config.READS_FILES)."""
+    from pydantic import BaseModel
+
+    keys = []
+    for name, info in model.model_fields.items():
+        if isinstance(info.annotation, type) and issubclass(info.annotation, BaseModel):
+            keys += _file_field_keys(info.annotation, f"{prefix}{name}.")
+        elif (info.json_schema_extra or {}).get("reads_files"):
+            keys.append((f"{prefix}{name}", "dict" in str(info.annotation)))
+    return keys
+
+
 def test_every_path_the_form_can_set_is_checked_the_free_form_box_included(tmp_path, monkeypatch):
     """`hostfile=/etc/passwd` in "More settings" once showed the file in the Log box (DeepSpeed quotes a bad
-    hostfile); a serve model typed in the Serve tab was only checked for being a model folder."""
+    hostfile); a serve model typed in the Serve tab was only checked for being a model folder. Every field the
+    typed config marks as naming files is tried, through the free-form box."""
     from gptoss_webui.config import ConfigError, Recipe, ServeConfig
     from gptoss_webui.ui.form import FIELDS, form_values
     from gptoss_webui.ui.train_tab import _recipe
@@ -68,10 +82,12 @@ def test_every_path_the_form_can_set_is_checked_the_free_form_box_included(tmp_p
     runs, base = tmp_path / "runs", Recipe().model_dump(mode="json")
     values = form_values(Recipe(), FIELDS)
     assert _recipe(str(runs), "en", base, "optim.warmup_ratio=0.1", values).train.optim.warmup_ratio == 0.1
-    for line, key in (("hostfile=/etc/passwd", "train.hostfile: /etc/passwd"),
-                      ("serve.model=/etc", "serve.model: /etc"),
-                      ("serve.adapters={x: /root}", "serve.adapters.x: /root")):
-        with pytest.raises(ConfigError, match=f"{key}: the web UI only reads files inside"):
+    keys = _file_field_keys(Recipe)
+    assert {k for k, _ in keys} >= {"train.model", "train.data.path", "train.hostfile", "serve.model",
+                                    "serve.adapters"}
+    for key, is_dict in keys:
+        line, shown = (f"{key}={{x: /etc/passwd}}", f"{key}.x") if is_dict else (f"{key}=/etc/passwd", key)
+        with pytest.raises(ConfigError, match=f"{shown}: /etc/passwd: the web UI only reads files inside"):
             _recipe(str(runs), "en", base, line, values)
     assert outside_paths(Recipe(serve=ServeConfig(model="/etc")), runs) == ["serve.model: /etc"]
 

@@ -70,7 +70,7 @@ def serve_forever(args: argparse.Namespace) -> int:
 def load_into_running(engine: Engine, config: ServeConfig, adapters: dict[str, str]) -> int:
     """Hot-load `adapters` into the engine already serving `config.model`; one engine per workspace, so a second
     is never started beside it. The engine stays with whoever started it."""
-    from gptoss_webui.demo import resolve_model
+    from gptoss_webui.sources import resolve_model
 
     info = engine.info
     same_model = config.model == info.model_spec or resolve_model(config.model) == info.model

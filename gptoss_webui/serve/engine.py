@@ -3,7 +3,7 @@
 `Engine` starts `python -m vllm.entrypoints.openai.api_server` in its own session (log to a file, never
 a PIPE), waits for /health, and explains a failed start from the log tail instead of hanging. Its state
 (starting / running / stopped / crashed, model, adapters, port) lives in a small object and in one file per
-workspace, `state_file()` (workspace/engine.json, /data/engine.json in Docker), which the CLI and the UI
+workspace, paths.engine_state_file() (workspace/engine.json, /data/engine.json in Docker), which the CLI and the UI
 share: each sees the engine the other started, and a restarted UI reattaches to one still running.
 
 Adapters are hot-loaded (POST /v1/load_lora_adapter) where vLLM can run LoRA for the architecture and
@@ -33,7 +33,9 @@ import psutil
 
 from gptoss_webui import processes
 from gptoss_webui.config import ServeConfig
+from gptoss_webui.hardware import visible_ids
 from gptoss_webui.logs import tail
+from gptoss_webui.paths import engine_state_file
 from gptoss_webui.serve import plan, procs
 from gptoss_webui.serve.diagnose import explain_failure
 
@@ -44,13 +46,6 @@ PROBE_PROMPT = "The quick brown fox jumps over the lazy dog. Then it"
 PROBE_TOKENS = 8
 
 Progress = Callable[[str], None]
-
-
-def state_file() -> Path:
-    """The engine's state, one per workspace: whoever starts the engine (CLI or UI) writes it, both read it."""
-    from gptoss_webui.paths import workspace_dir
-
-    return workspace_dir() / "engine.json"
 
 
 class EngineError(Exception):
@@ -67,7 +62,7 @@ class AdapterCheck:
 
 @dataclass
 class EngineInfo:
-    """A snapshot of the engine, JSON-serializable (state_file() holds one)."""
+    """A snapshot of the engine, JSON-serializable (paths.engine_state_file() holds one)."""
 
     state: str = "stopped"
     model: str = ""                   # the folder (or hub name) vLLM loads
@@ -90,6 +85,7 @@ class EngineInfo:
     adapters: dict[str, str] = field(default_factory=dict)  # hot-loaded name -> adapter folder
     merged_from: dict[str, str] = field(default_factory=dict)  # merge mode: served name -> adapter folder
     pending_adapters: dict[str, str] = field(default_factory=dict)  # to hot-load once healthy
+    gpus: list[int] = field(default_factory=list)  # the GPU ids it holds (the training queue waits for them)
     api_key_env: str | None = None    # set when the engine requires an API key (non-loopback host)
     phase: str = ""                   # what a starting engine is doing: preparing, merging ..., loading model
     notes: list[str] = field(default_factory=list)  # user-facing remarks: port changed, merge chosen, ...
@@ -120,7 +116,7 @@ class Engine:
     start (with wait=True), wait_ready, load_adapter (runs a probe) and stop."""
 
     def __init__(self, state_path: str | Path | None = None) -> None:
-        self.state_path = Path(state_path) if state_path else state_file()
+        self.state_path = Path(state_path) if state_path else engine_state_file()
         self._lock = threading.RLock()
         self._proc: subprocess.Popen | None = None
         self.info = self._load()
@@ -233,7 +229,7 @@ class Engine:
 
     def _prepare(self, config: ServeConfig, adapters: dict[str, str], adapter_mode: plan.AdapterMode,
                  enable_lora: bool | None, strict_port: bool, say: Progress) -> EngineInfo:
-        from gptoss_webui.demo import resolve_model
+        from gptoss_webui.sources import resolve_model
 
         cpu = plan.engine_is_cpu()
         try:
@@ -264,6 +260,7 @@ class Engine:
                                   f"the environment variable {config.api_key_env} first (or use 127.0.0.1)")
             info.api_key_env = config.api_key_env
         info.port = _pick_port(config.host, config.port, strict_port, info.notes)
+        info.gpus = [] if cpu else visible_ids(config.tensor_parallel_size)
         if cpu:
             _check_cpu_memory(model, config.cpu_kv_cache_gib)  # a merged copy is no larger than its base
         if adapter_plan.mode == "merge":

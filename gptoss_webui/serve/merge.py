@@ -75,22 +75,22 @@ def _load_base(base: str, dtype_name: str):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from gptoss_webui.checkpoint import assemble_model, decode_expert_tensors, read_safetensors
     from gptoss_webui.mxfp4 import is_mxfp4_config
-    from gptoss_webui.train.weights import assemble_model, decode_expert_tensors, read_safetensors
 
     dtype = getattr(torch, dtype_name)
     config = AutoConfig.from_pretrained(base)
     if is_mxfp4_config(config):
         tensors = decode_expert_tensors(read_safetensors(Path(base)), dtype)
-        return assemble_model(config, tensors, dtype, "eager", source=base, grouped=False)
+        return assemble_model(config, tensors, dtype, "eager", source=base)
     return AutoModelForCausalLM.from_pretrained(base, dtype=dtype)
 
 
 def _save_keeping_mxfp4_experts(merged, base: str, out_dir: Path) -> None:
     """The merged model with the base's own MXFP4 expert codes: the adapter left the experts untouched, so
     they stay 4-bit on disk (12.8 GiB for gpt-oss-20b instead of 39) and vLLM serves them with its MXFP4 kernels."""
+    from gptoss_webui.checkpoint import read_safetensors
     from gptoss_webui.mxfp4 import EXPERT_WEIGHTS, save_checkpoint
-    from gptoss_webui.train.weights import read_safetensors
 
     codes = {k: v for k, v in read_safetensors(Path(base)).items() if k.endswith(("_blocks", "_scales"))}
     plain = ((k, v) for k, v in merged.state_dict().items()
@@ -209,7 +209,7 @@ def merge_in_subprocess(base: str, adapter: str | Path, out_dir: str | Path, *, 
 
     Reuses out_dir when it already holds a verified merge of the same base and adapter (unless force).
     """
-    from gptoss_webui.demo import resolve_model
+    from gptoss_webui.sources import resolve_model
 
     adapter, out_dir = Path(adapter).resolve(), Path(out_dir).resolve()
     base = resolve_model(base)

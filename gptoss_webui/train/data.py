@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from gptoss_webui.config import ConfigError, DataConfig
-from gptoss_webui.demo import resolve_dataset
+from gptoss_webui.sources import resolve_dataset
 
 IGNORE_INDEX = -100  # label value the loss skips
 ROLES = ("system", "developer", "user", "assistant")
@@ -315,7 +315,7 @@ def preview(train_cfg: Any, n: int = 1) -> list[list[tuple[str, bool]]]:
     """The first n examples as text segments, True where tokens are trained (for the UI's highlight)."""
     from transformers import AutoTokenizer
 
-    from gptoss_webui.demo import resolve_model
+    from gptoss_webui.sources import resolve_model
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_model(train_cfg.model))
     rows = read_rows(train_cfg.data.model_copy(update={"max_samples": n}))

@@ -25,6 +25,7 @@ from gptoss_webui.config import ConfigError, Recipe, TrainConfig
 from gptoss_webui.events import EventReader, EventWriter
 from gptoss_webui.paths import cache_dir
 from gptoss_webui.runs import Run, RunsDir
+from gptoss_webui.train import queue
 
 WORKER_MODULE = "gptoss_webui.train.worker"
 STOP_TIMEOUT_S = 120
@@ -40,7 +41,7 @@ def preflight(cfg: TrainConfig, force: bool = False) -> None:
     """Fail fast, in this process, on everything that does not need the real weights."""
     from transformers import AutoConfig
 
-    from gptoss_webui.demo import resolve_dataset, resolve_model
+    from gptoss_webui.sources import resolve_dataset, resolve_model
     from gptoss_webui.train.attention import choose_attention
     from gptoss_webui.train.data import detect_format, read_rows, to_messages
 
@@ -67,17 +68,7 @@ def preflight(cfg: TrainConfig, force: bool = False) -> None:
     if cfg.hostfile and not Path(cfg.hostfile).is_file():
         raise LaunchError(f"hostfile not found: {cfg.hostfile}")
     if not force:
-        _check_not_training_already(cfg)
         _check_memory(cfg)
-
-
-def _check_not_training_already(cfg: TrainConfig) -> None:
-    """Two trainings on the same GPUs run out of memory part way; say so before the second one starts."""
-    busy = [r.name for r in RunsDir(cfg.runs_dir).list() if run_state(r) in ("running", "stopping")]
-    if busy:
-        raise LaunchError(f"run '{busy[0]}' is still training in {cfg.runs_dir}, on the same GPUs: wait for it to "
-                          "end or stop it (`python -m gptoss_webui stop NAME`, or Stop in the UI), or launch anyway "
-                          "with --force (CLI) or the Force box (UI)")
 
 
 def busy_gpu_message(found: list, indices: list[int], needed_gib: float) -> str | None:
@@ -112,12 +103,11 @@ def _check_memory(cfg: TrainConfig) -> None:
     estimate = estimate_for_recipe(cfg)
     if not estimate.fits:
         raise LaunchError(f"{estimate.report()}\nLaunch anyway with --force (CLI) or the Force box (UI).")
-    if _has_gpu():
+    mine = queue.planned_gpus(cfg, world_size(cfg))
+    if _has_gpu() and not queue.holders(cfg.runs_dir, mine):  # memory our own jobs hold will be theirs to free
         from gptoss_webui.hardware import gpus
 
-        visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").strip()
-        indices = [int(i) for i in visible.split(",") if i.strip().isdigit()] if visible else list(range(64))
-        if message := busy_gpu_message(gpus(), indices[:world_size(cfg)], estimate.total_gib):
+        if message := busy_gpu_message(gpus(), mine, estimate.total_gib):
             raise LaunchError(message)
 
 
@@ -191,45 +181,78 @@ def command_line(yaml_path: str) -> str:
 
 # --- lifecycle ---------------------------------------------------------------------------------
 
-def launch(recipe: Recipe, force: bool = False) -> Run:
+def launch(recipe: Recipe, force: bool = False, wait_in_queue: bool = True) -> Run:
+    """Start a run, or queue it when its GPUs are held (train/queue.py); wait_in_queue=False refuses instead, and
+    force starts it regardless."""
     preflight(recipe.train, force=force)
+    if not wait_in_queue and not force:
+        _refuse_if_taken(recipe.train, me=None)
     run = RunsDir(recipe.train.runs_dir).create(recipe.train.run_name)
     recipe.save(run.config_path)
-    _start(run, recipe.train, resume_from=None)
+    _start(run, recipe.train, resume_from=None, force=force, wait_in_queue=wait_in_queue)
     return run
 
 
-def resume(run_name: str, runs_dir: str = "runs", force: bool = False) -> Run:
+def resume(run_name: str, runs_dir: str = "runs", force: bool = False, wait_in_queue: bool = True) -> Run:
     run = RunsDir(runs_dir).get(run_name)
     state = run_state(run)
-    if state in ("running", "stopping"):
+    if state in ("running", "stopping", "queued"):
         raise LaunchError(f"run {run.name} is still {state}; stop it first")
     if state == "finished":
         raise LaunchError(f"run {run.name} already finished; start a new run to train further")
     recipe = Recipe.from_yaml(run.config_path)
     preflight(recipe.train, force=force)
+    if not wait_in_queue and not force:
+        _refuse_if_taken(recipe.train, me=run)
     checkpoint = run.latest_checkpoint()
-    _start(run, recipe.train, resume_from=str(checkpoint) if checkpoint else None)
+    _start(run, recipe.train, resume_from=str(checkpoint) if checkpoint else None, force=force,
+           wait_in_queue=wait_in_queue)
     return run
 
 
-def _start(run: Run, cfg: TrainConfig, resume_from: str | None) -> None:
+def _waiting_for(cfg: TrainConfig, me: Run | None) -> list[str]:
+    gpus = queue.planned_gpus(cfg, world_size(cfg))
+    return (queue.holders(cfg.runs_dir, gpus, me=me)
+            + [f"run {r.name} (queued before)" for r in queue.ahead_of(cfg.runs_dir, gpus, me=me)])
+
+
+def _refuse_if_taken(cfg: TrainConfig, me: Run | None) -> None:
+    if waiting := _waiting_for(cfg, me):
+        gpus = ",".join(map(str, queue.planned_gpus(cfg, world_size(cfg))))
+        raise LaunchError(f"GPUs {gpus} are taken by {', '.join(waiting)}: two jobs on one GPU run out of memory "
+                          "part way. Wait for them or stop them, launch without --no-queue to wait in line, or "
+                          "launch anyway with --force (CLI) or the Force box (UI)")
+
+
+def _start(run: Run, cfg: TrainConfig, resume_from: str | None, force: bool = False,
+           wait_in_queue: bool = True) -> None:
     cmd = deepspeed_command(run, cfg, resume_from)
     supervisor = [sys.executable, "-m", "gptoss_webui.train.supervise", str(run.path), "--", *cmd]
-    with open(run.log_path, "ab") as log:
-        log.write(f"\n$ {shlex.join(cmd)}\n".encode())
-        log.flush()
-        proc = subprocess.Popen(supervisor, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env=launch_env(cfg), start_new_session=True)
-    run.write_status(state="running", pid=proc.pid, pgid=proc.pid, create_time=processes.start_time_of(proc.pid),
-                     command=shlex.join(cmd), resumed_from=resume_from, started_at=time.time())
+    # Decide and record under the ledger's lock; the supervisor takes it too before it reads its state.
+    with queue.ledger_lock(run.path.parent):
+        waiting = [] if force else _waiting_for(cfg, me=run)
+        if waiting and not wait_in_queue:
+            _refuse_if_taken(cfg, me=run)
+        with open(run.log_path, "ab") as log:
+            log.write(f"\n$ {shlex.join(cmd)}\n".encode())
+            if waiting:
+                log.write(f"queued: waiting for {', '.join(waiting)}\n".encode())
+            log.flush()
+            proc = subprocess.Popen(supervisor, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                    env=launch_env(cfg), start_new_session=True)
+        now = time.time()
+        run.write_status(state="queued" if waiting else "running", pid=proc.pid, pgid=proc.pid,
+                         create_time=processes.start_time_of(proc.pid), command=shlex.join(cmd),
+                         resumed_from=resume_from, started_at=now, queued_at=now,
+                         gpus=queue.planned_gpus(cfg, world_size(cfg)))
 
 
 def run_state(run: Run) -> str:
-    """created / running / stopping / stopped / finished / failed, repaired if the process vanished."""
+    """created / queued / running / stopping / stopped / finished / failed, repaired if the process vanished."""
     status = run.read_status()
     state = status.get("state", "created")
-    if state in ("running", "stopping") and not processes.alive(status.get("pid"), status.get("create_time")):
+    if state in ("queued", "running", "stopping") and not processes.alive(status.get("pid"),
+                                                                         status.get("create_time")):
         # The supervisor records every ending; if it is gone without one, the machine or it was killed.
         state = "stopped" if state == "stopping" else "failed"
         reader = EventReader(run.events_path)
@@ -264,7 +287,14 @@ def worker_processes(pid: int) -> list[psutil.Process]:
 
 def stop(run: Run, timeout_s: float = STOP_TIMEOUT_S) -> str:
     """Ask the ranks to save and stop (SIGTERM); after timeout_s, kill whatever is left."""
-    status = run.read_status()
+    with queue.ledger_lock(run.path.parent):  # so that its supervisor cannot claim the GPUs meanwhile
+        status = run.read_status()
+        if run_state(run) == "queued":  # nothing started yet: end the waiting supervisor, and say so
+            processes.signal_group(status["pgid"], signal.SIGKILL)
+            run.write_status(state="stopped")
+            latest = run.latest_checkpoint()
+            EventWriter(run.events_path).emit("stopped", step=None, checkpoint=str(latest) if latest else None)
+            return f"run {run.name} was queued; taken out of the queue"
     if run_state(run) != "running":
         return f"run {run.name} is not running ({run_state(run)})"
     pid, pgid = status["pid"], status["pgid"]
@@ -296,6 +326,9 @@ def follow(run: Run, poll_s: float = 1.0) -> int:
 
     reader = EventReader(run.events_path)
     bar = None
+    if run_state(run) == "queued":
+        print(f"{queue.place(run)}; it starts by itself when they are free (Ctrl-C takes it out of the queue)",
+              file=sys.stderr)
     try:
         while True:
             for event in reader.poll():
@@ -311,7 +344,7 @@ def follow(run: Run, poll_s: float = 1.0) -> int:
                     tqdm.write(f"checkpoint: {event['path']}")
             final = reader.final()
             state = run_state(run)
-            if final is not None and state not in ("running", "stopping"):
+            if final is not None and state not in ("queued", "running", "stopping"):
                 break
             if final is None and state in ("failed", "stopped", "finished"):
                 reader.poll()

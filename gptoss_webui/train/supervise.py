@@ -2,7 +2,8 @@
 
     python -m gptoss_webui.train.supervise RUN_DIR -- deepspeed ...
 
-It is the session leader of the run's process group, so `stop` can end everything at once. The ranks
+It is the session leader of the run's process group, so `stop` can end everything at once. A queued run's
+supervisor first waits for its GPUs (train/queue.py), then starts the ranks. The ranks
 write their own final event (done/stopped/error); when none came (a rank was killed, the launcher
 failed) this writes an `error` event with the log tail, so nothing ends silently.
 """
@@ -21,8 +22,10 @@ import psutil
 from gptoss_webui.events import EventReader, EventWriter
 from gptoss_webui.logs import tail
 from gptoss_webui.runs import Run
+from gptoss_webui.train import queue
 
 END_STATES = {"done": "finished", "stopped": "stopped", "error": "failed"}
+QUEUE_POLL_S = 2.0
 
 
 def log_tail(run: Run, lines: int = 40) -> str:
@@ -85,6 +88,13 @@ def main(argv: list[str]) -> int:
     # Stop requests go to the ranks (they save first); this process must outlive them to record the end.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    with queue.ledger_lock(run.path.parent):  # the launcher has recorded the run's state once this is free
+        queued = run.read_status().get("state") == "queued"
+    if queued:  # wait for the GPUs (train/queue.py); `stop` ends this process while it waits
+        print(f"{queue.place(run)}; waiting", flush=True)
+        while not queue.claim(run):
+            time.sleep(QUEUE_POLL_S)
+        print("the GPUs are free: starting", flush=True)
     launcher = subprocess.Popen(cmd)
     watch = RankWatch(launcher.pid)
     while launcher.poll() is None:

@@ -92,7 +92,7 @@ class AdapterTrainer(Trainer):
             return super().save_model(output_dir, _internal_call)
         if self.args.should_save:
             adapter = {name: p.detach() for name, p in self.model.named_parameters() if p.requires_grad}
-            self._save(output_dir or self.args.output_dir, state_dict=adapter)
+            self.model.save_pretrained(output_dir or self.args.output_dir, state_dict=adapter)
 
 
 class StopRequest:
@@ -241,7 +241,7 @@ class LoraFinetune:
     def setup(self) -> None:
         from transformers import AutoConfig, AutoTokenizer
 
-        from gptoss_webui.demo import resolve_model
+        from gptoss_webui.sources import resolve_model
         from gptoss_webui.train.attention import choose_attention
         from gptoss_webui.train.data import prepare
 
@@ -273,6 +273,7 @@ class LoraFinetune:
         self.trainer = AdapterTrainer(
             model=model,
             args=args,
+            processing_class=self.tokenizer,  # its pad id counts the tokens trained, padding excluded
             train_dataset=ExampleDataset(self.data.train),
             eval_dataset=ExampleDataset(self.data.validation) if self.data.validation else None,
             data_collator=DocumentCollator(self.tokenizer.pad_token_id,

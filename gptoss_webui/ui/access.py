@@ -75,13 +75,12 @@ def check_path(value: str, runs_dir: str | Path) -> str | None:
 
 
 def outside_paths(recipe, runs_dir: str | Path) -> list[str]:
-    """`key: value` for every file or folder the recipe names that the UI may not read: the model, the dataset, the
-    DeepSpeed hostfile (DeepSpeed prints a bad hostfile's text back), the served model and adapters. Whatever
-    widget or free-form line set them."""
-    named = [("train.model", recipe.train.model), ("train.data.path", recipe.train.data.path),
-             ("train.hostfile", recipe.train.hostfile or ""), ("serve.model", recipe.serve.model),
-             *((f"serve.adapters.{name}", path) for name, path in recipe.serve.adapters.items())]
-    return [f"{key}: {value}" for key, value in named if check_path(value, runs_dir)]
+    """`key: value` for every file or folder the recipe names (config.file_fields: the model, the dataset, the
+    DeepSpeed hostfile, whose text DeepSpeed prints back when it is bad, the served model and adapters) that the UI
+    may not read, whichever widget or free-form line set it."""
+    from gptoss_webui.config import file_fields
+
+    return [f"{key}: {value}" for key, value in file_fields(recipe) if check_path(value, runs_dir)]
 
 
 def redact(text: str) -> str:

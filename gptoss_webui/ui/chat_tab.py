@@ -10,14 +10,13 @@ from typing import Any
 
 import gradio as gr
 
-from gptoss_webui.config import ConfigError, Recipe
-from gptoss_webui.presets import load_preset, preset_names
+from gptoss_webui.config import ConfigError
+from gptoss_webui.presets import default_recipe
 from gptoss_webui.ui.engine_ctl import control_for
 from gptoss_webui.ui.form import CHAT_FIELDS, form_values, serve_from_form
 from gptoss_webui.ui.i18n import Localizer, failure, t, warn
 from gptoss_webui.ui.widgets import widget
 
-DEFAULT_PRESET = "tiny-cpu-demo"
 POLL_S = 3.0
 
 
@@ -38,7 +37,7 @@ def render(turns: list[dict[str, str]], lang: str, pending: bool = False) -> lis
 
 def build(L: Localizer, lang: gr.Radio) -> None:
     control = control_for()
-    recipe0 = load_preset(DEFAULT_PRESET) if DEFAULT_PRESET in preset_names() else Recipe()
+    recipe0 = default_recipe()
     with gr.Row():
         model = L.labelled(gr.Dropdown, "chat.model", choices=[], scale=3, elem_id="gw-chat-model")
         status = gr.Markdown(elem_id="gw-chat-status")

@@ -2,7 +2,7 @@
 
 Starting an engine (and merging an adapter first) takes tens of seconds to minutes, longer than a
 click should block; the task runs in a thread and records what it says, and every page polls
-`snapshot()`. The engine's own state lives in serve.engine.state_file(), the workspace's engine.json that
+`snapshot()`. The engine's own state lives in paths.engine_state_file(), the workspace's engine.json that
 `python -m gptoss_webui serve` writes and reads too: a reloaded page, a restarted UI and the CLI all find a
 running engine again (the engine runs in its own session and outlives whoever started it).
 """
@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from gptoss_webui.config import ServeConfig
+from gptoss_webui.paths import engine_state_file
 
 Say = Callable[[str], None]
 
@@ -115,9 +116,7 @@ _controls: dict[Path, EngineControl] = {}
 
 def control_for() -> EngineControl:
     """One control per engine state file (one per workspace) in this process, shared by every browser session."""
-    from gptoss_webui.serve.engine import state_file
-
-    path = state_file().resolve()
+    path = engine_state_file().resolve()
     if path not in _controls:
         _controls[path] = EngineControl(path)
     return _controls[path]

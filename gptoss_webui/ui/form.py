@@ -8,6 +8,7 @@ writes the widget values into it, applies the free-form `key=value` lines, and v
 
 from __future__ import annotations
 
+import typing
 from dataclasses import dataclass
 from typing import Any
 
@@ -62,11 +63,27 @@ def parse_layers(raw: Any) -> list[int] | str:
                           f"got {text!r}") from None
 
 
-_F = FormField
+def config_choices(path: str) -> tuple[Any, ...]:
+    """The values a `Literal` field of the Recipe allows, e.g. ("bf16", "fp32", "fp16") for train.precision: what a
+    radio or dropdown offers, taken from the typed config so that the two never disagree."""
+    model: Any = Recipe
+    for part in path.split("."):
+        annotation = model.model_fields[part].annotation
+        model = annotation
+    return typing.get_args(annotation)
+
+
+def _F(path: str, key: str, widget: Widget, choices: tuple[Any, ...] = (), group: str = "",
+       optional: bool = False) -> FormField:
+    if widget in ("radio", "dropdown") and not choices:
+        choices = config_choices(path)
+    return FormField(path, key, widget, choices, group, optional)
+
+
 FIELDS: list[FormField] = [
     _F("train.model", "train.model", "model", group="data"),
     _F("train.data.path", "train.data_path", "data", group="data"),
-    _F("train.data.format", "train.data_format", "dropdown", ("auto", "messages", "alpaca", "text"), "data"),
+    _F("train.data.format", "train.data_format", "dropdown", group="data"),
     _F("train.data.max_length", "train.max_length", "int", group="data"),
     _F("train.data.packing", "train.packing", "check", group="data"),
     _F("train.lora.r", "train.lora_r", "int", group="lora"),
@@ -77,13 +94,12 @@ FIELDS: list[FormField] = [
     _F("train.lora.expert_layers", "train.lora_layers", "layers", group="lora"),
     _F("train.gradient_checkpointing", "train.checkpointing", "check", group="memory"),
     _F("train.compile", "train.compile", "check", group="memory"),
-    _F("train.deepspeed.stage", "train.ds_stage", "radio", (2, 3), "memory"),
+    _F("train.deepspeed.stage", "train.ds_stage", "radio", group="memory"),
     _F("train.deepspeed.offload_optimizer", "train.offload_optimizer", "check", group="memory"),
     _F("train.deepspeed.offload_params", "train.offload_params", "check", group="memory"),
-    _F("train.precision", "train.precision", "dropdown", ("bf16", "fp32", "fp16"), "memory"),
-    _F("train.base_weights", "train.base_weights", "radio", ("auto", "mxfp4", "bf16"), "memory"),
-    _F("train.attention", "train.attention", "dropdown",
-       ("auto", "eager", "flex_attention", "sdpa", "flash_attention_2"), "memory"),
+    _F("train.precision", "train.precision", "dropdown", group="memory"),
+    _F("train.base_weights", "train.base_weights", "radio", group="memory"),
+    _F("train.attention", "train.attention", "dropdown", group="memory"),
     _F("train.optim.micro_batch_size", "train.micro_batch", "int", group="schedule"),
     _F("train.optim.gradient_accumulation_steps", "train.grad_accum", "int", group="schedule"),
     _F("train.optim.learning_rate", "train.lr", "float", group="schedule"),
@@ -108,7 +124,7 @@ SERVE_FIELDS: list[FormField] = [
     _F("serve.port", "serve.port", "int"),
 ]
 CHAT_FIELDS: list[FormField] = [
-    _F("serve.reasoning_effort", "chat.effort", "radio", ("low", "medium", "high")),
+    _F("serve.reasoning_effort", "chat.effort", "radio"),
     _F("serve.temperature", "chat.temperature", "float"),
     _F("serve.top_p", "chat.top_p", "float"),
     _F("serve.max_tokens", "chat.max_tokens", "int"),

@@ -60,6 +60,7 @@ class RunView:
     losses: list[tuple[int, float]] = field(default_factory=list)
     eval_losses: list[tuple[int, float]] = field(default_factory=list)
     data: dict[str, Any] | None = None  # the start event's train.data.DataStats
+    queue_place: str = ""  # a queued run: what it waits for (train/queue.place)
     n_events: int = 0
 
     @property
@@ -68,7 +69,7 @@ class RunView:
 
     @property
     def can_stop(self) -> bool:
-        return self.state == "running"
+        return self.state in ("queued", "running")  # a queued run's Stop takes it out of the queue
 
     @property
     def can_resume(self) -> bool:
@@ -78,6 +79,10 @@ class RunView:
 def view(run: Run) -> RunView:
     events = _events(run)
     v = RunView(name=run.name, state=run_state(run), n_events=len(events))
+    if v.state == "queued":
+        from gptoss_webui.train.queue import place
+
+        v.queue_place = place(run)
     for e in events:
         kind = e.get("type")
         if kind == "start":
@@ -116,7 +121,7 @@ def pick_default(runs_dir: str | Path) -> str | None:
     """The run to reattach to when a page opens: the newest running one, else the newest one."""
     runs = RunsDir(runs_dir).list()
     for r in runs:
-        if run_state(r) in ("running", "stopping"):
+        if run_state(r) in ("queued", "running", "stopping"):
             return r.name
     return runs[0].name if runs else None
 

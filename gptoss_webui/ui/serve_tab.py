@@ -12,7 +12,7 @@ from typing import Any
 import gradio as gr
 
 from gptoss_webui.config import ConfigError, Recipe
-from gptoss_webui.presets import load_preset, preset_names
+from gptoss_webui.presets import default_recipe
 from gptoss_webui.runs import RunsDir
 from gptoss_webui.ui.access import outside_paths, redact
 from gptoss_webui.ui.engine_ctl import Snapshot, control_for
@@ -20,7 +20,6 @@ from gptoss_webui.ui.form import SERVE_FIELDS, form_values, serve_from_form
 from gptoss_webui.ui.i18n import Localizer, t, warn
 from gptoss_webui.ui.widgets import widget
 
-DEFAULT_PRESET = "tiny-cpu-demo"
 POLL_S = 2.0
 MODES = ("auto", "hotload", "merge")
 
@@ -67,7 +66,7 @@ def adapters_md(snap: Snapshot, lang: str) -> str:
 
 def build(L: Localizer, lang: gr.Radio, runs_dir: str) -> ServeTab:
     control = control_for()
-    recipe0 = load_preset(DEFAULT_PRESET) if DEFAULT_PRESET in preset_names() else Recipe()
+    recipe0 = default_recipe()
     base = gr.State(recipe0.serve.model_dump(mode="json"))
 
     L.markdown("serve.engine_md")

@@ -18,7 +18,7 @@ import gradio as gr
 from gptoss_webui.config import ConfigError, Recipe
 from gptoss_webui.logs import tail
 from gptoss_webui.paths import workspace_dir
-from gptoss_webui.presets import load_preset, preset_names
+from gptoss_webui.presets import DEFAULT_PRESET, default_recipe, load_preset, preset_names
 from gptoss_webui.runs import RunsDir
 from gptoss_webui.ui import runview
 from gptoss_webui.ui.access import outside_paths, redact
@@ -32,7 +32,6 @@ from gptoss_webui.ui.form import (
 from gptoss_webui.ui.i18n import Localizer, note, t, warn
 from gptoss_webui.ui.widgets import widget
 
-DEFAULT_PRESET = "tiny-cpu-demo"
 DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 POLL_S = 2.0
 
@@ -129,13 +128,15 @@ def state_md(v: runview.RunView, lang: str) -> str:
         text += " · " + t("train.adapter_at", lang, path=v.final.get("adapter_path", ""))
     if v.error and v.state == "failed":
         text += "\n\n" + t("train.failed_with", lang, error=redact(v.error))
+    if v.queue_place:
+        text += " · " + t("train.queued", lang, place=v.queue_place)
     return text
 
 
 # --- the tab -------------------------------------------------------------------------------------
 
 def build(L: Localizer, lang: gr.Radio, runs_dir: str) -> TrainTab:  # noqa: C901 - one layout function
-    recipe0 = load_preset(DEFAULT_PRESET) if DEFAULT_PRESET in preset_names() else Recipe()
+    recipe0 = default_recipe()
     values0 = dict(zip((f.key for f in FIELDS), form_values(recipe0), strict=True))
     widgets: dict[str, gr.components.Component] = {}
 
@@ -306,7 +307,8 @@ def build(L: Localizer, lang: gr.Radio, runs_dir: str) -> TrainTab:  # noqa: C90
         except Exception as exc:  # ConfigError, LaunchError, FileExistsError: all worded for people
             warn(lang_v, str(exc))
             return gr.skip(), t("msg.launch_failed", lang_v, error=str(exc))
-        note(lang_v, t("msg.launched", lang_v, name=run.name))
+        queued = runview.run_state(run) == "queued"
+        note(lang_v, t("msg.queued" if queued else "msg.launched", lang_v, name=run.name))
         return gr.update(choices=runview.run_names(runs_dir), value=run.name), ""
 
     poll_out = [run_pick, run_state, progress, metrics, plot, log, stop, resume, seen]
