@@ -120,6 +120,7 @@ class Engine:
         self._lock = threading.RLock()
         self._proc: subprocess.Popen | None = None
         self.info = self._load()
+        self._stamp = self._file_stamp()
 
     # --- state ----------------------------------------------------------------------------------
     def _load(self) -> EngineInfo:
@@ -137,6 +138,13 @@ class Engine:
         from gptoss_webui.runs import atomic_write_text
 
         atomic_write_text(self.state_path, self.info.to_json())
+        self._stamp = self._file_stamp()
+
+    def _file_stamp(self) -> int | None:
+        try:
+            return self.state_path.stat().st_mtime_ns
+        except OSError:
+            return None
 
     def _running(self) -> bool:
         if self._proc is not None:
@@ -147,9 +155,11 @@ class Engine:
         """Refresh and return the state: a dead process is 'crashed' (with the cause from its log), and so
         is one that has not answered /health within start_timeout_s."""
         with self._lock:
+            if self.info.state == "starting" and self.info.pid is None:
+                return self.info  # start() is still preparing (a merge can take minutes): no process yet
+            if self._file_stamp() != self._stamp:  # another process (the CLI, the UI) changed it: take its word
+                self.info, self._stamp = self._load(), self._file_stamp()
             info = self.info
-            if info.state == "starting" and info.pid is None:
-                return info  # start() is still preparing (a merge can take minutes): no process yet
             if info.state in ("starting", "running") and not self._running():
                 self._mark_crashed(self._exit_cause())
             elif info.state == "starting":
