@@ -84,10 +84,10 @@ REST = [
     _c("hf", 1024, False, "eager", "qkvo16"), _c("ours", 4096, False, "auto", "preset"),
     _c("ours", 8192, True, "eager", "preset"),
 ]
-# The e2e run's first batch: one 88-token example with its attention mask (worker.PadCollator, batch 1). Under 128
-# query tokens torch's inductor picks its flex *decoding* kernel, which failed in training; padding the batch to a
-# multiple of 128 (mask 0, labels -100 on the padding) is the proposed fix. Run each in a fresh process: the first
-# call's shape decides what inductor compiles.
+# The e2e run's first batch: one 88-token example with its attention mask (the former worker.PadCollator, batch 1).
+# Under 128 query tokens torch's inductor picks its flex *decoding* kernel, which failed in training; padding the
+# batch to a multiple of 128 (mask 0, labels -100 on the padding) is the proposed fix. Run each in a fresh process:
+# the first call's shape decides what inductor compiles.
 SHORT = [_c("ours", 88, True, "auto", "preset", pad_to=1), _c("ours", 88, True, "auto", "preset", pad_to=128)]
 GRIDS: dict[str, list[Case]] = {
     "core": CORE,

@@ -1,10 +1,10 @@
 """Packing is exact: a batch of packed blocks gives the loss and LoRA gradients of its examples run one by one.
 
 The batch goes through the training worker's DocumentCollator (positions restart per example; the padding is a
-document of its own) into the tiny gpt-oss prepared as the worker prepares it (fused loss, LoRA on attention
-and experts). Its sliding window is cut to 16 tokens so that it bites inside the examples, and the
-learned sinks are random. On the CPU the packed side runs eager with transformers' dense document mask; on a GPU
-also flex_attention with its block mask, against the same examples run one by one under eager.
+document of its own) into the tiny gpt-oss prepared as the worker prepares it (fused loss, LoRA on attention and
+experts). Its sliding window is cut to 16 tokens so that it bites inside the examples, and the learned sinks are
+random. On the CPU the packed side runs eager with train/attention.document_masks' dense mask; on a GPU also
+flex_attention with its block mask, against the same examples run one by one under eager.
 Tolerance: fp32 throughout; 1e-5 relative on the loss, 1e-4 relative (of the largest entry) on each gradient.
 """
 

@@ -47,14 +47,14 @@ class ExampleDataset(torch.utils.data.Dataset):
 class DocumentCollator:
     """Batch examples or packed blocks with no attention mask: the examples are kept apart by position ids.
 
-    Positions restart at 0 in every example. transformers reads each restart as a document boundary
-    (masking_utils.find_packed_sequence_indices) and builds its causal and sliding-window masks so that no
-    token attends across one: a flex_attention block mask from document ids on the GPU, the same mask dense
-    under eager. A row's right padding is one more document (positions from 0, labels ignored) that no real
-    token sees. Each example's first label is ignored: after the loss's shift it would be predicted from the
-    previous example's last token. With flex_attention the width is rounded up to a multiple of 128: below 128
-    query tokens torch 2.11's inductor picks its flex *decoding* kernel, which fails to build for training
-    (seen on H100).
+    Positions restart at 0 in every example, and each restart is a document boundary that no token attends
+    across: for gpt-oss, train/attention.document_masks builds the masks from them (a flex_attention block mask
+    on the GPU, the same mask dense under eager); other models' own forwards do it in transformers
+    (masking_utils.find_packed_sequence_indices). A row's right padding is one more document (positions from 0,
+    labels ignored) that no real token sees. Each example's first label is ignored: after the loss's shift it
+    would be predicted from the previous example's last token. With flex_attention the width is rounded up to a
+    multiple of 128: below 128 query tokens torch 2.11's inductor picks its flex *decoding* kernel, which fails
+    to build for training (seen on H100).
     """
 
     def __init__(self, pad_id: int, multiple: int = 1, width: int | None = None) -> None:
