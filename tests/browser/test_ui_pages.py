@@ -139,3 +139,40 @@ def test_public_bind_requires_login(tmp_path):
         page.wait_for_selector("#gw-estimate", timeout=30000)
         assert "s3cret-pw" not in page.content()
     assert "s3cret-pw" not in (tmp_path / "webui.log").read_text()
+
+
+def test_paths_outside_the_workspace_are_refused_in_every_field_and_nothing_is_shown(tmp_path):
+    """Typed as a user would: the dataset, the model, `hostfile=` in More settings (DeepSpeed once printed that
+    file's text into the Log box) and the Serve tab's model. Each is refused, and not a line of the file appears."""
+    secret = "root:x:0:0"
+    with running_app(tmp_path / "runs") as url, browser_page() as page:
+        page.goto(url)
+        page.wait_for_selector("#gw-estimate")
+        wait_text(page, "#gw-estimate", "Fits", 60)
+        for elem_id, key in (("gw-train-data_path", "train.data.path"), ("gw-train-model", "train.model")):
+            box = page.locator(f"#{elem_id} input")
+            before = box.input_value()
+            box.fill("/etc/passwd")
+            box.press("Enter")
+            wait_text(page, "#gw-estimate", f"{key}: /etc/passwd: the web UI only reads files inside", 30)
+            page.wait_for_function("() => document.querySelector('#gw-start').disabled")
+            page.get_by_role("button", name="Preview an example").click()
+            page.wait_for_timeout(1500)
+            assert secret not in page.locator("body").inner_text()
+            box.fill(before)
+            box.press("Enter")
+            wait_text(page, "#gw-estimate", "Fits", 30)
+        extra = page.get_by_label("More settings (key=value per line)")
+        extra.fill("hostfile=/etc/passwd")
+        extra.press("Tab")
+        wait_text(page, "#gw-estimate", "train.hostfile: /etc/passwd: the web UI only reads files inside", 30)
+        page.wait_for_function("() => document.querySelector('#gw-start').disabled")
+        page.locator("#gw-tab-serve-button").click()
+        model = page.locator("#gw-serve-model input")
+        model.fill("/etc")
+        model.press("Enter")
+        page.locator("#gw-engine-start").click()
+        wait_text(page, "body", "serve.model: /etc: the web UI only reads files inside", 30)
+        assert "starting" not in page.locator("#gw-engine-state").inner_text().lower()
+        assert secret not in page.locator("body").inner_text()
+        shot(page, "outside-paths-refused")
