@@ -59,6 +59,8 @@ def test_paths_outside_the_workspace_are_refused(tmp_path, monkeypatch):
 
 def _file_field_keys(model: type, prefix: str = "") -> list[tuple[str, bool]]:
     """(dotted key, is a dict) of every field the typed config marks as naming files (config.READS_FILES)."""
+    import typing
+
     from pydantic import BaseModel
 
     keys = []
@@ -66,7 +68,7 @@ def _file_field_keys(model: type, prefix: str = "") -> list[tuple[str, bool]]:
         if isinstance(info.annotation, type) and issubclass(info.annotation, BaseModel):
             keys += _file_field_keys(info.annotation, f"{prefix}{name}.")
         elif (info.json_schema_extra or {}).get("reads_files"):
-            keys.append((f"{prefix}{name}", "dict" in str(info.annotation)))
+            keys.append((f"{prefix}{name}", typing.get_origin(info.annotation) is dict))
     return keys
 
 

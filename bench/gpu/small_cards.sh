@@ -7,15 +7,8 @@
 #   bash bench/gpu/small_cards.sh c     # ZeRO-3 (bf16) on both GPUs with expert LoRA, without and with offload
 # carry .gpu_carry. Everything lands in $OUT/results.tgz (a call brings back at most 8 files); the reply's tail
 # shows the summaries. BUDGET_S: seconds from the start that every part plans against.
-set -u
-OUT=${OUT:-/tmp/out}
-R=/tmp/res
-mkdir -p "$OUT" "$R"
-export DEADLINE=$(($(date +%s) + ${BUDGET_S:-560}))
-# shellcheck source=/dev/null
-source bench/gpu/setup.sh > "$R/env.log" 2>&1 || { tail -20 "$R/env.log"; exit 1; }
-export CKPT=/tmp/gpt-oss-20b-random RUNS=/tmp/gptoss-runs
-left() { echo $((DEADLINE - $(date +%s) - ${1:-0})); }
+# shellcheck source=bench/gpu/call.sh
+source bench/gpu/call.sh
 
 capped() {  # NAME GPUS CAP_GIB PRESET [--set ...]: the real CLI, each rank's allocator capped
   local name=$1 gpus=$2 cap=$3 preset=$4; shift 4
@@ -69,5 +62,4 @@ case ${1:?a or b} in
       --set deepspeed.offload_params=true --set deepspeed.offload_optimizer=true
     capped z3 0,1 139 gpt-oss-20b-2x24gb "${z3[@]}" --force ;;
 esac
-tar -czf "$OUT/results.tgz" -C "$R" .
-ls -la "$OUT"
+pack_results

@@ -6,15 +6,8 @@
 #   bash bench/gpu/throughput.sh two_gpus              # nvidia-h200-x2: the recipe on two GPUs
 # A call made within 30 s of the last finds that host's /tmp (checkpoints, compile caches) as it was left.
 # Everything lands in $OUT/results.tgz; the reply's tail shows the summaries. BUDGET_S: seconds every part plans against.
-set -u
-OUT=${OUT:-/tmp/out}
-R=/tmp/res
-mkdir -p "$OUT" "$R"
-export DEADLINE=$(($(date +%s) + ${BUDGET_S:-560}))
-# shellcheck source=/dev/null
-source bench/gpu/setup.sh > "$R/env.log" 2>&1 || { tail -20 "$R/env.log"; exit 1; }
-export CKPT=/tmp/gpt-oss-20b-random RUNS=/tmp/gptoss-runs
-left() { local s=$((DEADLINE - $(date +%s) - ${1:-0})); echo $((s > 1 ? s : 1)); }
+# shellcheck source=bench/gpu/call.sh
+source bench/gpu/call.sh
 
 cookbook() {  # NAME GPUS [--set ...]: the recipe through the real CLI, bounded by the deadline
   local name=$1 gpus=$2; shift 2
@@ -57,5 +50,4 @@ for part in "$@"; do
       echo "== bench cookbook exit $?"; cat "$R/bench_cookbook.md" ;;
   esac
 done
-tar -czf "$OUT/results.tgz" -C "$R" .
-ls -la "$OUT"
+pack_results

@@ -9,6 +9,7 @@ the CPU transformers refuses flex_attention with sinks, so eager is the only exa
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 
 from gptoss_webui.config import ConfigError
@@ -50,7 +51,7 @@ def document_masks(config, attention: str, position_ids, dtype) -> dict:
     not read the position ids in transformers 5.19), so the training forward passes these instead.
     """
     import torch
-    from torch.nn.attention.flex_attention import create_block_mask, create_mask
+    from torch.nn.attention.flex_attention import create_mask
 
     docs = (position_ids == 0).cumsum(-1)  # [batch, tokens]: which example each token belongs to
     window = config.sliding_window
@@ -65,10 +66,19 @@ def document_masks(config, attention: str, position_ids, dtype) -> dict:
     masks = {}
     for kind, allowed in (("full_attention", causal_in_document), ("sliding_attention", sliding_in_document)):
         if attention == "flex_attention":
-            # Compiled, so that no tokens x tokens tensor is materialized (4 G entries at 64K tokens).
-            masks[kind] = torch.compile(create_block_mask)(allowed, batch, None, n, n, device=position_ids.device)
+            masks[kind] = _compiled_create_block_mask()(allowed, batch, None, n, n, device=position_ids.device)
         else:
             dense = create_mask(allowed, batch, 1, n, n, device=position_ids.device)
             masks[kind] = torch.zeros(dense.shape, dtype=dtype, device=dense.device).masked_fill_(
                 ~dense, torch.finfo(dtype).min)
     return masks
+
+
+@functools.cache
+def _compiled_create_block_mask():
+    """create_block_mask compiled once per process, so that no tokens x tokens tensor is materialized (4 G entries
+    at 64K tokens); every step's mask then reuses the compiled function instead of wrapping it again."""
+    import torch
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    return torch.compile(create_block_mask)

@@ -216,8 +216,9 @@ def _waiting_for(cfg: TrainConfig, me: Run | None) -> list[str]:
             + [f"run {r.name} (queued before)" for r in queue.ahead_of(cfg.runs_dir, gpus, me=me)])
 
 
-def _refuse_if_taken(cfg: TrainConfig, me: Run | None) -> None:
-    if waiting := _waiting_for(cfg, me):
+def _refuse_if_taken(cfg: TrainConfig, me: Run | None, waiting: list[str] | None = None) -> None:
+    """The --no-queue refusal, naming who holds the GPUs (`waiting`, when the caller has already looked)."""
+    if waiting := _waiting_for(cfg, me) if waiting is None else waiting:
         gpus = ",".join(map(str, queue.planned_gpus(cfg, world_size(cfg))))
         raise LaunchError(f"GPUs {gpus} are taken by {', '.join(waiting)}: two jobs on one GPU run out of memory "
                           "part way. Wait for them or stop them, launch without --no-queue to wait in line, or "
@@ -231,8 +232,8 @@ def _start(run: Run, cfg: TrainConfig, resume_from: str | None, force: bool = Fa
     # Decide and record under the ledger's lock; the supervisor takes it too before it reads its state.
     with queue.ledger_lock(run.path.parent):
         waiting = [] if force else _waiting_for(cfg, me=run)
-        if waiting and not wait_in_queue:
-            _refuse_if_taken(cfg, me=run)
+        if not wait_in_queue:  # launch/resume checked before; this catches a job that started since
+            _refuse_if_taken(cfg, me=run, waiting=waiting)
         with open(run.log_path, "ab") as log:
             log.write(f"\n$ {shlex.join(cmd)}\n".encode())
             if waiting:
