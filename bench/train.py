@@ -8,10 +8,11 @@ fits core or rest, not full.)
 
 "ours" is the training worker's model setup: a TrainConfig from a preset plus overrides, the attention that
 choose_attention picks, then worker.prepare_model (gradient checkpointing + LoRA exactly as in training).
-"hf" is the plain transformers + peft baseline of ../shared/GPU-STACK.md (LoRA r=16 on q,k,v,o). Both run in
-this one process on one card, so every figure can be read as a ratio. Each row holds the peak
-torch.cuda.max_memory_allocated, the median step time (AdamW on the LoRA parameters, micro batch 1), tokens/s
-and the estimator's predicted peak (train/memory.py, peak_allocated_gib) with its error.
+"hf" is the plain transformers + peft baseline of ../shared/GPU-STACK.md (LoRA r=16 on q,k,v,o). Both run on
+one card, each row in a process of its own (--same-process: all in one), so every figure can be read as a ratio.
+Each row holds the peak torch.cuda.max_memory_allocated, the median step time (AdamW on the LoRA parameters,
+micro batch 1 unless the row says otherwise), tokens/s and the estimator's predicted peak (train/memory.py,
+peak_allocated_gib) with its error.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ import datetime as dt
 import gc
 import json
 import statistics
+import subprocess
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -52,6 +55,7 @@ class Case:
     pad_to: int = 0  # 0: no attention_mask; N: an attention_mask, input right-padded to a multiple of N (as a collator)
     compile: bool = False  # ours only: train.compile (worker.compile_layers)
     base: str = "bf16"  # ours only: train.base_weights (mxfp4: the experts stay MXFP4, decoded a layer at a time)
+    batch: int = 1  # micro batch: sequences of `seq` tokens a step
 
     @property
     def length(self) -> int:
@@ -63,13 +67,14 @@ class Case:
         pad = f" mask, padded to {self.length}" if self.pad_to else ""
         setup = f"{self.setup}+compile" if self.compile else self.setup
         setup += " mxfp4" if self.base == "mxfp4" else ""
+        batch = f"{self.batch} x " if self.batch > 1 else ""
         return (f"{setup} {self.lora} {self.attention} ckpt={'on' if self.checkpointing else 'off'} "
-                f"seq={self.seq}{pad}")
+                f"seq={batch}{self.seq}{pad}")
 
 
 def _c(setup: str, seq: int, ckpt: bool, attention: str, lora: str, pad_to: int = 0, compile: bool = False,
-       base: str = "bf16") -> Case:
-    return Case(setup, seq, ckpt, attention, lora, pad_to, compile, base)
+       base: str = "bf16", batch: int = 1) -> Case:
+    return Case(setup, seq, ckpt, attention, lora, pad_to, compile, base, batch)
 
 
 # Priority order: the core rows first; rows expected to run out of memory on 80 GB last.
@@ -118,7 +123,15 @@ GRIDS: dict[str, list[Case]] = {
              _c("ours", 86016, True, "auto", "preset", compile=True),
              _c("ours", 131072, True, "auto", "preset", compile=True, base="mxfp4"),
              _c("ours", 98304, True, "auto", "preset", compile=True, base="mxfp4")],
-    "cookbook": [_c("ours", 2048, True, "auto", "preset", compile=True)],
+    "cookbook": [_c("ours", 2048, True, "auto", "preset", compile=True),
+                 _c("ours", 2048, True, "auto", "preset", compile=True, batch=4)],  # the recipe's 4 blocks a step
+    # Issue 10's speed goal, after the Triton decode: the anchor, bf16 and MXFP4 experts compiled, MXFP4 at 2048 (the
+    # 16 GB card's length), bf16 uncompiled (issue 11's anomaly).
+    "mxfp4": [_c("hf", 4096, True, "flex_attention", "qkvo16"),
+              _c("ours", 4096, True, "auto", "preset", compile=True),
+              _c("ours", 4096, True, "auto", "preset", compile=True, base="mxfp4"),
+              _c("ours", 2048, True, "auto", "preset", compile=True, base="mxfp4"),
+              _c("ours", 4096, True, "auto", "preset")],
     # CPU smoke: tiny shapes (see SMOKE_SHAPE), eager only; checks that every code path runs.
     "smoke": [_c("ours", 64, True, "auto", "preset"), _c("hf", 64, False, "eager", "qkvo16"),
               _c("ours", 40, True, "auto", "preset", pad_to=64), _c("ours", 64, True, "auto", "preset", base="mxfp4")],
@@ -132,7 +145,7 @@ def train_config(case: Case, preset: str, extra: list[str]) -> TrainConfig:
     ckpt = str(case.checkpointing).lower()
     overrides = [f"train.data.max_length={case.length}", f"train.gradient_checkpointing={ckpt}",
                  f"train.attention={case.attention}", "train.deepspeed.enabled=false",
-                 "train.optim.micro_batch_size=1", f"train.base_weights={case.base}"]
+                 f"train.optim.micro_batch_size={case.batch}", f"train.base_weights={case.base}"]
     if case.lora == "qkvo16":
         overrides += ["train.lora.r=16", "train.lora.alpha=32", "train.lora.expert_parameters=[]"]
     if case.compile:
@@ -176,7 +189,8 @@ def measure(case: Case, cfg: TrainConfig, config: Any, device: str, warmup: int,
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()  # the peak from here on includes the weights (still allocated)
     def step() -> tuple[float, float]:
-        ids = torch.randint(0, 199_998, (1, case.length), device=device, generator=gen)  # fresh routing each step
+        # fresh routing each step
+        ids = torch.randint(0, 199_998, (case.batch, case.length), device=device, generator=gen)
         batch: dict[str, torch.Tensor] = {"input_ids": ids, "labels": ids.clone()}
         if case.pad_to:
             batch["attention_mask"] = torch.ones_like(ids)
@@ -193,7 +207,8 @@ def measure(case: Case, cfg: TrainConfig, config: Any, device: str, warmup: int,
 
     times, losses = zip(*(step() for _ in range(warmup + steps)), strict=True)
     step_s = statistics.median(times[warmup:])
-    row.update(first_step_s=round(times[0], 3), step_s=round(step_s, 4), tokens_per_s=round(case.seq / step_s, 1),
+    row.update(first_step_s=round(times[0], 3), step_s=round(step_s, 4),
+               tokens_per_s=round(case.batch * case.seq / step_s, 1),
                loss_first=round(losses[0], 4), loss_last=round(losses[-1], 4), steps_timed=steps)
     if profile:
         row["profile"] = profile_step(step, device)
@@ -266,7 +281,8 @@ def _fmt(v: Any, spec: str = "") -> str:
 
 def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     head = (f"{meta['device']} ({meta['gpu_gib'] and round(meta['gpu_gib'], 1)} GiB), {meta['date']}, torch "
-            f"{meta['torch']}, transformers {meta['transformers']}, peft {meta['peft']}; micro batch 1, AdamW, "
+            f"{meta['torch']}, transformers {meta['transformers']}, peft {meta['peft']}; micro batch 1 (else the seq "
+            f"column says B x seq), AdamW, "
             f"median of {meta['steps']} steps after {meta['warmup']} warm-up\n\n")
     cols = ["setup", "LoRA", "attention", "ckpt", "seq", "trainable", "peak GiB", "est. GiB", "est. err",
             "step s", "tokens/s", "x best HF", "status"]
@@ -274,6 +290,7 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     for r in rows:
         err = r.get("est_err_pct")
         seq = f"{r['seq']} (pad {r['pad_to']})" if r.get("pad_to", 0) > 1 else str(r["seq"])
+        seq = f"{r['batch']} x {seq}" if r.get("batch", 1) > 1 else seq
         setup = r["setup"] + ("+compile" if r.get("compile") else "") + (" mxfp4" if r.get("base") == "mxfp4" else "")
         cells = [setup, r["lora"], r.get("attention_impl") or r["attention"],
                  "on" if r["checkpointing"] else "off", seq, _fmt(r.get("trainable_params"), ","),
@@ -284,7 +301,7 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     return head + "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--grid", choices=sorted(GRIDS), default="core")
     parser.add_argument("--only", type=int, nargs="*", help="indices into the grid to run (default: all)")
@@ -298,12 +315,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--budget-s", type=float, default=None, help="start no new row after this many seconds")
     parser.add_argument("--profile", action="store_true", help="profile one more step of each row (kernel table)")
+    parser.add_argument("--same-process", action="store_true", help="run every row in this process; by default "
+                        "each row has a process of its own, so that no row inherits compile caches, allocator "
+                        "state or a warm GPU from the rows before it")
     args = parser.parse_args(argv)
+    if args.grid != "smoke" and not torch.cuda.is_available():
+        parser.error("the real 20b shape needs a GPU; use --grid smoke on the CPU")
+    return args
 
+
+def child_argv(args: argparse.Namespace, index: int) -> list[str]:
+    """The command line of the process that runs row `index` alone and appends it to the results."""
+    argv = [sys.executable, "-m", "bench.train", "--grid", args.grid, "--only", str(index), "--append",
+            "--same-process", "--out", str(args.out), "--tag", args.tag, "--preset", args.preset,
+            "--warmup", str(args.warmup), "--steps", str(args.steps)]
+    argv += [f"--set={o}" for o in args.overrides] + (["--profile"] if args.profile else [])
+    return argv
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     smoke = args.grid == "smoke"
-    if device == "cpu" and not smoke:
-        parser.error("the real 20b shape needs a GPU; use --grid smoke on the CPU")
     # Many (shape, mask) combinations: keep dynamo from silently falling back to uncompiled flex attention.
     for knob in ("recompile_limit", "cache_size_limit"):
         if hasattr(torch._dynamo.config, knob):
@@ -320,35 +353,46 @@ def main(argv: list[str] | None = None) -> int:
             "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"), "torch": torch.__version__,
             "transformers": transformers.__version__, "peft": peft.__version__, "grid": args.grid,
             "preset": args.preset, "overrides": extra, "warmup": args.warmup, "steps": args.steps,
+            "process_per_row": not args.same_process,
             "arch_is_builtin_20b": dataclasses.replace(arch, mxfp4_experts=True)
             == BUILTIN_ARCHITECTURES["openai/gpt-oss-20b"]}
-    cases = GRIDS[args.grid]
-    if args.only is not None:
-        cases = [cases[i] for i in args.only]
+    indices = list(range(len(GRIDS[args.grid]))) if args.only is None else args.only
     args.out.mkdir(parents=True, exist_ok=True)
     json_path = args.out / f"bench_{args.tag}.json"
-    rows: list[dict[str, Any]] = []
-    if args.append and json_path.is_file():  # rows of earlier processes (bench/gpu/run.sh bench:GRID:INDEX)
-        rows = json.loads(json_path.read_text())["rows"]
+    if not args.append:
+        json_path.unlink(missing_ok=True)
+
+    def record(row: dict[str, Any]) -> None:
+        """Add a row to the results on disk (rows of other processes included), written after every row: a
+        run cut short still leaves what it measured."""
+        rows = json.loads(json_path.read_text())["rows"] if json_path.is_file() else []
+        rows.append(row)
+        add_ratios(rows)
+        json_path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+        (args.out / f"bench_{args.tag}.md").write_text(markdown(rows, meta))
+
     t_start = time.perf_counter()
-    for case in cases:
+    for index in indices:
+        case = GRIDS[args.grid][index]
         cfg = train_config(case, args.preset, extra if case.setup == "ours" else [])
         row = {**asdict(case), "name": case.name}
         row.update(predicted(cfg, arch, gpu_gib, device == "cuda", plain_hf=case.setup == "hf"))
         if args.budget_s is not None and time.perf_counter() - t_start > args.budget_s:
             row["status"] = "skipped (time budget)"
+        elif not args.same_process:
+            print(f"--- {case.name} (own process)", flush=True)
+            if subprocess.run(child_argv(args, index)).returncode == 0:
+                continue  # the child recorded its row
+            row["status"] = "error: the row's process failed (see its output above)"
         else:
             print(f"--- {case.name}", flush=True)
             row.update(run_case(case, cfg, config, device, args.warmup, args.steps, args.profile))
             if row["status"] == "ok":
                 row["est_err_pct"] = error_pct(row["est_peak_gib"], row.get("peak_gib"))
             print(json.dumps(row), flush=True)
-        rows.append(row)
-        add_ratios(rows)
-        # Written after every row: a run cut short still leaves what it measured.
-        json_path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-        (args.out / f"bench_{args.tag}.md").write_text(markdown(rows, meta))
-    print("\n" + markdown(rows, meta), flush=True)
+        record(row)
+    if json_path.is_file():
+        print("\n" + (args.out / f"bench_{args.tag}.md").read_text(), flush=True)
     return 0
 
 

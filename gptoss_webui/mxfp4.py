@@ -7,7 +7,8 @@ A checkpoint stores each fused expert weight as two uint8 tensors (../shared/GPT
 in bf16 and fp32, so training on decoded weights trains on the released weights.
 
 `decode` gives [E, rows, cols] (row-major: what a grouped matmul reads as the transposed [E, cols, rows]
-weight); transformers.integrations.mxfp4.convert_moe_packed_tensors is the reference (tests/test_mxfp4.py).
+weight); transformers.integrations.mxfp4.convert_moe_packed_tensors is the reference (tests/test_mxfp4.py), and
+`mxfp4_triton` the GPU kernel.
 """
 
 from __future__ import annotations
@@ -51,8 +52,8 @@ def choose_base_weights(cfg, checkpoint_mxfp4: bool) -> tuple[str, str]:
     return wanted, ""
 
 
-# Written as whole-tensor elementwise ops, so that torch.compile can fuse them.
 def _decode(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The decode in torch ops: on the CPU, and the reference the GPU kernel is tested against."""
     import torch
 
     lut = torch.tensor(FP4_VALUES, dtype=dtype, device=blocks.device)
@@ -62,41 +63,48 @@ def _decode(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> t
     return (values.unflatten(-1, (-1, BLOCK)) * power[..., None]).flatten(-2)
 
 
-@functools.cache
-def _compiled_decode():
-    import torch
-
-    return torch.compile(_decode, dynamic=False)
-
-
 def decode(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """[E, rows, cols/32, 16] codes + [E, rows, cols/32] scales -> [E, rows, cols] weights in `dtype`.
 
-    On a GPU compiled by torch.compile, so that the elementwise steps fuse instead of materialising int32 codes
-    (inside a compiled layer, the layer's graph inlines it); on the CPU, eager one expert at a time, which bounds
-    those temporaries to one expert's size.
+    On a GPU one Triton kernel (mxfp4_triton: one read of the codes, one write of the weights, also inside a
+    compiled layer); bf16 holds every decoded value exactly, so other dtypes convert from it. On the CPU, or
+    without Triton, torch ops one expert at a time, which bounds their temporaries to one expert's size.
     """
     import torch
 
-    if torch.compiler.is_compiling() or blocks.dim() < 4:  # inside a compiled layer: its graph fuses the decode
+    if blocks.is_cuda and (_gpu_kernel is not None or load_gpu_kernel()):
+        weights = _gpu_kernel(blocks, scales)
+        return weights if dtype == torch.bfloat16 else weights.to(dtype)
+    if blocks.dim() < 4 or torch.compiler.is_compiling():  # a compiled graph fuses the ops instead
         return _decode(blocks, scales, dtype)
-    if blocks.is_cuda and _can_compile():
-        return _compiled_decode()(blocks, scales, dtype)
     return torch.stack([_decode(b, s, dtype) for b, s in zip(blocks, scales, strict=True)])
 
 
-@functools.cache
-def _can_compile() -> bool:
-    """torch.compile needs Triton on a GPU; without it the decode runs eagerly, an expert at a time (slower)."""
+_gpu_kernel = None  # mxfp4_triton.decode_bf16, once load_gpu_kernel found Triton
+
+
+def load_gpu_kernel() -> bool:
+    """Import the Triton decode, if Triton is there. Models call this when they are built, outside any compiled
+    region: a custom op cannot be registered while torch.compile traces. Without Triton the GPU decodes with
+    torch ops, an expert at a time (slower), and says so once."""
+    global _gpu_kernel
     from torch.utils._triton import has_triton
 
-    if not has_triton():
-        import sys
+    if _gpu_kernel is None and has_triton():
+        from gptoss_webui.mxfp4_triton import decode_bf16
 
-        print("note: Triton is missing, so MXFP4 experts are decoded without a fused kernel (slower steps)",
-              file=sys.stderr, flush=True)
-        return False
-    return True
+        _gpu_kernel = decode_bf16
+    elif _gpu_kernel is None:
+        _say_no_triton()
+    return _gpu_kernel is not None
+
+
+@functools.cache
+def _say_no_triton() -> None:
+    import sys
+
+    print("note: Triton is missing, so MXFP4 experts are decoded without a fused kernel (slower steps)",
+          file=sys.stderr, flush=True)
 
 
 def check_scales(name: str, scales: torch.Tensor) -> None:

@@ -13,6 +13,7 @@ On the tiny gpt-oss in its MXFP4 layout (demo:tiny-gpt-oss-mxfp4), in fp32 on th
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import pytest
@@ -21,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from gptoss_webui.config import ConfigError, TrainConfig
-from gptoss_webui.mxfp4 import choose_base_weights, decode, random_experts
+from gptoss_webui.mxfp4 import _decode, choose_base_weights, decode, random_experts
 from gptoss_webui.train.weights import load_base_model
 from gptoss_webui.train.worker import load_model
 
@@ -234,3 +235,24 @@ def test_disk_check_counts_what_the_merge_will_write(tmp_path, monkeypatch):
     merge.check_disk_space(str(base), tmp_path / "attention", tmp_path)  # 256 KiB fits in 1 MiB
     with pytest.raises(merge.MergeError, match="the merged model needs about 39.0 GiB"):
         merge.check_disk_space(str(base), tmp_path / "experts", tmp_path)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
+                    reason="the Triton kernel needs a GPU (or TRITON_INTERPRET=1 with Triton installed)")
+def test_gpu_decode_kernel_is_bit_exact_for_every_code_and_scale():
+    """Every byte (two codes) under every valid scale (0..254; 255 is refused as NaN), bit for bit against the
+    torch decode and transformers' reference: signed zeros, subnormals and infinities included."""
+    pytest.importorskip("triton")
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    from gptoss_webui.mxfp4_triton import decode_bf16
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    exponents = torch.arange(255, dtype=torch.uint8)
+    blocks = torch.arange(256, dtype=torch.uint8).view(1, 16, 16).expand(255, 16, 16).reshape(255, 1, 16, 16)
+    scales = exponents.view(255, 1, 1).expand(255, 1, 16).contiguous()
+    ours = decode_bf16(blocks.to(device), scales.to(device)).cpu()
+    torch_ops = _decode(blocks, scales, torch.bfloat16)
+    reference = convert_moe_packed_tensors(blocks, scales, dtype=torch.bfloat16).transpose(1, 2)
+    assert torch.equal(ours.view(torch.int16), torch_ops.view(torch.int16))
+    assert torch.equal(ours.view(torch.int16), reference.contiguous().view(torch.int16))

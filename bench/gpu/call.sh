@@ -5,7 +5,7 @@ set -u
 OUT=${OUT:-/tmp/out}
 R=/tmp/res
 mkdir -p "$OUT" "$R"
-export DEADLINE=$(($(date +%s) + ${BUDGET_S:-560}))
+export DEADLINE=${DEADLINE:-$(($(date +%s) + ${BUDGET_S:-560}))}  # set by the caller: one deadline for several scripts
 # shellcheck source=/dev/null
 source bench/gpu/setup.sh > "$R/env.log" 2>&1 || { tail -20 "$R/env.log"; exit 1; }
 export CKPT=/tmp/gpt-oss-20b-random RUNS=/tmp/gptoss-runs

@@ -5,6 +5,8 @@
 #   bash bench/gpu/small_cards.sh b     # the 2x24gb preset on both GPUs (24 GiB caps); the 120b checkpoint and
 #                                       # the gpt-oss-120b-1xh100 preset under a 79 GiB cap on one GPU
 #   bash bench/gpu/small_cards.sh c     # ZeRO-3 (bf16) on both GPUs with expert LoRA, without and with offload
+#   bash bench/gpu/small_cards.sh speed # one GPU: the MXFP4 decode kernels timed and checked, the fastest exact one
+#                                       # tested, then grids `mxfp4` (a process per row, profiled) and `cookbook`
 # carry .gpu_carry. Everything lands in $OUT/results.tgz (a call brings back at most 8 files); the reply's tail
 # shows the summaries. BUDGET_S: seconds from the start that every part plans against.
 # shellcheck source=bench/gpu/call.sh
@@ -19,7 +21,7 @@ capped() {  # NAME GPUS CAP_GIB PRESET [--set ...]: the real CLI, each rank's al
   return $rc
 }
 
-case ${1:?a or b} in
+case ${1:?a, b, c or speed} in
   a)
     nvidia-smi -L > "$R/nvidia-smi.txt"; df -h /tmp >> "$R/nvidia-smi.txt"
     t=$(date +%s)
@@ -61,5 +63,22 @@ case ${1:?a or b} in
     DEADLINE=$(($(date +%s) + $(left 0) / 2)) capped z3_offload 0,1 24 gpt-oss-20b-2x24gb "${z3[@]}" \
       --set deepspeed.offload_params=true --set deepspeed.offload_optimizer=true
     capped z3 0,1 139 gpt-oss-20b-2x24gb "${z3[@]}" --force ;;
+  speed)  # SPEED_ROWS / COOKBOOK_ROWS: the rows of grids `mxfp4` / `cookbook` to run (default: all)
+    nvidia-smi -L > "$R/nvidia-smi.txt"
+    timeout 200 python3 -m bench.mxfp4_kernels --out "$R" > "$R/kernels.log" 2>&1
+    echo "== kernels exit $?"; grep '^{' "$R/kernels.log"
+    export GPTOSS_MXFP4_KERNEL; GPTOSS_MXFP4_KERNEL=$(cat "$R/kernel_choice" 2>/dev/null || echo int)
+    echo "kernel: $GPTOSS_MXFP4_KERNEL"
+    timeout 120 python3 -m pytest tests/test_mxfp4.py -k bit_exact -v -p no:cacheprovider -W ignore \
+      > "$R/pytest_kernel.log" 2>&1
+    echo "== pytest kernel exit $?"; tail -n 3 "$R/pytest_kernel.log"
+    # shellcheck disable=SC2086
+    timeout "$(left 20)" python3 -m bench.train --grid mxfp4 --tag mxfp4 --out "$R" --profile --budget-s "$(left 90)" \
+      --only ${SPEED_ROWS:-0 1 2 3 4} > "$R/bench_mxfp4.log" 2>&1
+    echo "== bench mxfp4 exit $?"; cat "$R/bench_mxfp4.md"
+    # shellcheck disable=SC2086
+    timeout "$(left 10)" python3 -m bench.train --grid cookbook --tag cookbook --out "$R" --budget-s "$(left 80)" \
+      --only ${COOKBOOK_ROWS:-0 1} > "$R/bench_cookbook.log" 2>&1
+    echo "== bench cookbook exit $?"; cat "$R/bench_cookbook.md" ;;
 esac
 pack_results

@@ -24,7 +24,7 @@ prepare() {  # the 20b and tiny checkpoints and the cookbook rows, unless this h
   [ -f /tmp/cookbook.jsonl ] || python3 -m bench.cookbook rows --out /tmp/cookbook.jsonl
 }
 
-prepare
+case " $* " in *" cold "*|*" warm "*|*" two_gpus "*|*" unpacked "*) prepare ;; esac
 nvidia-smi -L > "$R/nvidia-smi.txt"
 for part in "$@"; do
   case $part in

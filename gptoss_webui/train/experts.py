@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
-from gptoss_webui.mxfp4 import EXPERT_WEIGHTS, decode
+from gptoss_webui.mxfp4 import EXPERT_WEIGHTS, decode, load_gpu_kernel
 
 ADAPTER = "default"  # peft's adapter name, part of every saved key
 _GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
@@ -46,10 +46,11 @@ def _frozen_weight(weight: torch.Tensor, scales: torch.Tensor | None, dtype: tor
 
 class _FrozenGroupedMatmul(torch.autograd.Function):
     """x @ W per group for a frozen W that is MXFP4 (decoded on use) or bf16. Only the codes are saved for the
-    backward, which decodes again: memory holds one decoded weight at a time, at the price of a third decode
-    per step (forward, recomputation, backward). Keeping the recomputation's copy for the backward would save
-    one decode in three but hold a whole layer's experts (0.5 GiB more for gpt-oss-20b), room the 16 GB card
-    does not have."""
+    backward, which decodes again. Eager, memory holds one decoded weight at a time, at the price of a third
+    decode per step (forward, recomputation, backward). In a compiled layer the decode is one opaque custom op
+    that the backward repeats on the same inputs, and torch.compile saves the forward's result instead: two
+    decodes a step, and under checkpointing a layer's two decoded weights alive in its backward (profiled on
+    an H200: 96 decode kernels a step for 24 layers; bench/README.md)."""
 
     @staticmethod
     def forward(ctx, x, offs, weight, scales):
@@ -95,6 +96,8 @@ class GroupedExperts(nn.Module):
         """From one layer's checkpoint tensors: <weight>_blocks, <weight>_scales, <weight>_bias."""
         new = cls(experts)
         new.mxfp4 = True
+        if torch.cuda.is_available():
+            load_gpu_kernel()  # now, not inside a compiled layer
         for name in EXPERT_WEIGHTS:
             new.register_buffer(f"{name}_blocks", tensors[f"{name}_blocks"], persistent=False)
             new.register_buffer(f"{name}_scales", tensors[f"{name}_scales"], persistent=False)
