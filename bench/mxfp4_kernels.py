@@ -2,9 +2,10 @@
 
     python -m bench.mxfp4_kernels --out DIR [--tokens 4096]
 
-- decode: the Triton kernel (mxfp4_triton, what training uses) against the same decode written as torch ops and
-  compiled by torch.compile (the path before it), for gate_up_proj and down_proj; time and GB/s moved (codes and
-  scales read, bf16 written) against the card's copy bandwidth (a device-to-device copy of the same bytes);
+- decode: the Triton kernel (mxfp4_triton, what training uses; checked bit for bit on every code under every
+  scale) against the same decode written as torch ops and compiled by torch.compile (the path before it), for
+  gate_up_proj and down_proj; time and GB/s moved (codes and scales read, bf16 written) against the card's copy
+  bandwidth (a device-to-device copy of the same bytes);
 - the grouped GEMM of a projection, forward (x W) and backward (dy W^T), with the bf16 weight row-major and
   column-major: the bf16 path and the MXFP4 path hand torch's grouped GEMM opposite layouts.
 Rows are routed as in training: tokens x top-4, sorted by expert, about equal counts.
@@ -19,7 +20,6 @@ from pathlib import Path
 import torch
 from triton.testing import do_bench
 
-from gptoss_webui import mxfp4_triton
 from gptoss_webui.mxfp4 import _decode, random_experts
 from gptoss_webui.mxfp4_triton import decode_bf16
 from gptoss_webui.train.experts import grouped_mm
@@ -50,25 +50,12 @@ def decode_rows() -> list[dict]:
         copy_src = torch.empty(moved // 2, dtype=torch.uint8, device="cuda")
         timed = {"copy of the same bytes": (_ms(lambda src=copy_src: src.clone()), None),
                  "torch.compile": (_ms(lambda b=blocks, s=scales: compiled(b, s, torch.bfloat16)), None)}
-        for method, number in mxfp4_triton.METHODS.items():
-            mxfp4_triton.METHOD = number
-            exact = torch.equal(decode_bf16(small_b.cuda(), small_s.cuda()).cpu().view(torch.int16), reference)
-            timed[f"triton {method}"] = (_ms(lambda b=blocks, s=scales: decode_bf16(b, s)), exact)
+        exact = torch.equal(decode_bf16(small_b.cuda(), small_s.cuda()).cpu().view(torch.int16), reference)
+        timed["triton"] = (_ms(lambda b=blocks, s=scales: decode_bf16(b, s)), exact)
         for impl, (ms, exact) in timed.items():
             rows.append({"what": f"decode {name}", "impl": impl, "ms": ms, "gb_per_s": round(moved / ms / 1e6, 1),
                          "bit_exact": exact})
     return rows
-
-
-def fastest_exact(rows: list[dict]) -> str:
-    """The Triton method with the least decode time over both weights, among those bit-exact on both."""
-    total: dict[str, float] = {}
-    for row in rows:
-        if row["impl"].startswith("triton ") and row["bit_exact"]:
-            total[row["impl"][7:]] = total.get(row["impl"][7:], 0.0) + row["ms"]
-    exact_twice = {m: t for m, t in total.items()
-                   if sum(r["impl"] == f"triton {m}" and r["bit_exact"] for r in rows) == len(SHAPES)}
-    return min(exact_twice, key=exact_twice.get)
 
 
 def gemm_rows(tokens: int) -> list[dict]:
@@ -98,12 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens", type=int, default=4096, help="tokens a step (rows = tokens x 4)")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    decode = decode_rows()
-    choice = fastest_exact(decode)
-    rows = decode + gemm_rows(args.tokens)
-    meta = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "tokens": args.tokens,
-            "fastest_exact": choice}
-    (args.out / "kernel_choice").write_text(choice)
+    rows = decode_rows() + gemm_rows(args.tokens)
+    meta = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "tokens": args.tokens}
     (args.out / "mxfp4_kernels.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     for row in rows:
         print(json.dumps(row), flush=True)

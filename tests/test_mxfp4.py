@@ -241,7 +241,9 @@ def test_disk_check_counts_what_the_merge_will_write(tmp_path, monkeypatch):
                     reason="the Triton kernel needs a GPU (or TRITON_INTERPRET=1 with Triton installed)")
 def test_gpu_decode_kernel_is_bit_exact_for_every_code_and_scale():
     """Every byte (two codes) under every valid scale (0..254; 255 is refused as NaN), bit for bit against the
-    torch decode and transformers' reference: signed zeros, subnormals and infinities included."""
+    torch decode and transformers' reference: signed zeros, subnormals and infinities included. The kernel's
+    programs cover 128 scale blocks each, so some see only scales in 2..252 (the table path) and the first and
+    last see the others (the exact integer path): both paths are checked."""
     pytest.importorskip("triton")
     from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 

@@ -5,8 +5,9 @@
 #   bash bench/gpu/small_cards.sh b     # the 2x24gb preset on both GPUs (24 GiB caps); the 120b checkpoint and
 #                                       # the gpt-oss-120b-1xh100 preset under a 79 GiB cap on one GPU
 #   bash bench/gpu/small_cards.sh c     # ZeRO-3 (bf16) on both GPUs with expert LoRA, without and with offload
-#   bash bench/gpu/small_cards.sh speed # one GPU: the MXFP4 decode kernels timed and checked, the fastest exact one
-#                                       # tested, then grids `mxfp4` (a process per row, profiled) and `cookbook`
+#   bash bench/gpu/small_cards.sh speed # one GPU: the MXFP4 decode kernel timed against torch.compile and a copy,
+#                                       # its bit-exact test, then grids `mxfp4` (a process per row, profiled) and
+#                                       # `cookbook`
 # carry .gpu_carry. Everything lands in $OUT/results.tgz (a call brings back at most 8 files); the reply's tail
 # shows the summaries. BUDGET_S: seconds from the start that every part plans against.
 # shellcheck source=bench/gpu/call.sh
@@ -67,8 +68,6 @@ case ${1:?a, b, c or speed} in
     nvidia-smi -L > "$R/nvidia-smi.txt"
     timeout 200 python3 -m bench.mxfp4_kernels --out "$R" > "$R/kernels.log" 2>&1
     echo "== kernels exit $?"; grep '^{' "$R/kernels.log"
-    export GPTOSS_MXFP4_KERNEL; GPTOSS_MXFP4_KERNEL=$(cat "$R/kernel_choice" 2>/dev/null || echo int)
-    echo "kernel: $GPTOSS_MXFP4_KERNEL"
     timeout 120 python3 -m pytest tests/test_mxfp4.py -k bit_exact -v -p no:cacheprovider -W ignore \
       > "$R/pytest_kernel.log" 2>&1
     echo "== pytest kernel exit $?"; tail -n 3 "$R/pytest_kernel.log"
