@@ -3,12 +3,14 @@
     python -m bench.gpu.make_models tiny --tokenizer .gpu_carry/tokenizer     # demo:tiny-gpt-oss for the tests
     python -m bench.gpu.make_models 20b --tokenizer .gpu_carry/tokenizer --out /tmp/gpt-oss-20b-random
     python -m bench.gpu.make_models 120b --tokenizer .gpu_carry/tokenizer --out /tmp/gpt-oss-120b-random
+    python -m bench.gpu.make_models 20b-bf16 --tokenizer .gpu_carry/tokenizer --out /tmp/gpt-oss-20b-unquantized
 
 `tiny` writes $GPTOSS_WORKSPACE/models/tiny-gpt-oss the way gptoss_webui.demo does (same config, seed and
 sinks), except that the tokenizer is copied instead of rebuilt: rebuilding needs the o200k ranks and
 openai-harmony, which the GPU image lacks. Its BUILD.json makes ensure_demo_model accept the folder.
 `20b` and `120b` save the architecture with random weights in the released layout (MXFP4 experts,
-quantization_config; 12.8 and about 61 GiB) for the end-to-end runs.
+quantization_config; 12.8 and about 61 GiB) for the end-to-end runs. `20b-bf16` saves the 20b all in bf16 with no
+quantization_config (about 39 GiB): the unquantized checkpoint that Unsloth's bitsandbytes 4-bit loading needs.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from bench.model import (
     EOS_ID,
     PAD_ID,
     TOKENIZER_FILES,
+    build_random_model,
     gpt_oss_20b_config,
     gpt_oss_120b_config,
     save_random_checkpoint,
@@ -55,15 +58,27 @@ def make_tiny(tokenizer_dir: Path) -> Path:
     return folder
 
 
+def save_bf16_checkpoint(out_dir: Path, tokenizer_dir: Path) -> Path:
+    model = build_random_model(gpt_oss_20b_config(), "eager", "cuda")  # transformers' own init, all bf16
+    model.save_pretrained(out_dir, max_shard_size="5GB")
+    for name in TOKENIZER_FILES:
+        shutil.copy(tokenizer_dir / name, out_dir / name)
+    return out_dir
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=["tiny", "20b", "120b"])
+    parser.add_argument("what", choices=["tiny", "20b", "120b", "20b-bf16"])
     parser.add_argument("--tokenizer", type=Path, required=True, help="folder with " + ", ".join(TOKENIZER_FILES))
     parser.add_argument("--out", type=Path, help="20b: checkpoint folder")
     args = parser.parse_args(argv)
     t0 = time.perf_counter()
     if args.what == "tiny":
         path = make_tiny(args.tokenizer)
+    elif args.what == "20b-bf16":
+        if args.out is None:
+            parser.error("20b-bf16 needs --out")
+        path = save_bf16_checkpoint(args.out, args.tokenizer)
     else:
         if args.out is None:
             parser.error(f"{args.what} needs --out")
