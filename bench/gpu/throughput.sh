@@ -41,7 +41,7 @@ prepare() {  # the 20b and tiny checkpoints and the cookbook rows, unless this h
   [ -f /tmp/cookbook.jsonl ] || python3 -m bench.cookbook rows --out /tmp/cookbook.jsonl
 }
 
-case " $* " in *" cold "*|*" warm "*|*" two_gpus "*|*" unpacked "*) prepare ;; esac
+case " $* " in *" cold "*|*" warm "*|*" two_gpus "*|*" unpacked "*|*" unsloth "*) prepare ;; esac
 nvidia-smi -L > "$R/nvidia-smi.txt"
 for part in "$@"; do
   case $part in
@@ -72,7 +72,7 @@ for part in "$@"; do
         --out "$CKPT_BF16" >> "$R/make.log" 2>&1 || tail -n 5 "$R/make.log"
       unsloth_rows "$R/bnb" "$CKPT_BF16" 4bit ;;
     ours4096)  # our rows Unsloth's are compared with: seq 4096, preset LoRA, compiled; bf16 experts, then MXFP4
-      CUDA_VISIBLE_DEVICES=0 timeout "$(left 5)" python3 -m bench.train --grid small --only 1 2 --tag ours4096 \
+      CUDA_VISIBLE_DEVICES=0 timeout "$(left 5)" python3 -m bench.train --grid mxfp4 --only 1 2 --tag ours4096 \
         --out "$R" --budget-s "$(left 100)" > "$R/bench_ours4096.log" 2>&1
       echo "== bench ours4096 exit $?"; cat "$R/bench_ours4096.md" ;;
   esac
