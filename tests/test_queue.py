@@ -5,6 +5,7 @@ first, and can be taken out of the queue; `--no-queue` refuses with the reason. 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -17,6 +18,7 @@ from gptoss_webui.presets import load_recipe
 from gptoss_webui.runs import RunsDir
 from gptoss_webui.train import queue
 from gptoss_webui.train.launcher import LaunchError, launch, run_state, stop
+from gptoss_webui.train.supervise import remove_allreduce_buffers
 
 SHORT = ["train.optim.max_steps=2", "train.save_steps=100"]
 
@@ -77,3 +79,16 @@ def test_a_second_training_waits_its_turn_and_a_queued_one_can_be_cancelled(tmp_
     assert _events(third, "start")[0]["time"] > _events(first, "done")[0]["time"]
     assert not _events(second, "start")
     assert "queued: waiting for run first" in third.log_path.read_text()
+
+
+def test_a_finished_run_leaves_no_allreduce_buffer_of_its_own(tmp_path):
+    """The supervisor deletes DeepSpeed's /dev/shm files of its run's master port, and nobody else's."""
+    uid = os.getuid()
+    names = [f"deepspeed_allreduce_buffer_{uid}_127.0.0.1_29511_{rank}" for rank in (0, 1)]
+    others = [f"deepspeed_allreduce_buffer_{uid}_127.0.0.1_29512_0",
+              f"deepspeed_allreduce_buffer_{uid + 1}_127.0.0.1_29511_0"]
+    for name in names + others:
+        (tmp_path / name).write_bytes(b"x")
+    cmd = ["deepspeed", "--num_gpus", "2", "--master_port", "29511", "--module", "gptoss_webui.train.worker"]
+    assert [p.name for p in remove_allreduce_buffers(cmd, tmp_path)] == names
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(others)

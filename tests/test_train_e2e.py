@@ -25,6 +25,7 @@ from gptoss_webui.events import EventReader, read_all
 from gptoss_webui.presets import load_recipe
 from gptoss_webui.runs import Run
 from gptoss_webui.train.launcher import launch, resume, run_state, stop, worker_processes
+from gptoss_webui.train.supervise import SHM_DIR
 
 pytestmark = pytest.mark.slow
 STEPS = 40  # the preset's max_steps
@@ -81,6 +82,10 @@ def test_demo_run_streams_events_and_learns(full_run):
     assert [e["step"] for e in steps] == list(range(1, STEPS + 1))
     assert all(e["tokens_per_s"] > 0 and e["peak_mem_gib"] > 0 for e in steps)
     assert events[-1]["type"] == "done" and run_state(run) == "finished"
+    # DeepSpeed's CPU allreduce leaves a 66 MiB /dev/shm file per rank; the supervisor removes the run's.
+    command = run.read_status()["command"].split()
+    port = command[command.index("--master_port") + 1]
+    assert not list(SHM_DIR.glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
     # The rate each step used: 2 warm-up steps from 0 (constant_with_warmup, warmup_ratio 0.05 of 40), then 0.01.
     assert [e["lr"] for e in steps[:4]] == pytest.approx([0.0, 0.005, 0.01, 0.01])
     assert start["data"]["examples"] == 24 and start["data"]["blocks"] < 24 and "packed into" in start["data_summary"]
