@@ -125,7 +125,7 @@ def test_the_estimate_is_worded_in_the_page_language():
     en_head, en_report, *_ = train_tab.estimate_view(recipe, force=False, lang="en")
     assert "keep the experts in MXFP4 (base_weights bf16 -> mxfp4)" in en_head and "cheapest fix" in en_report
 
-    too_long = load_preset("gpt-oss-20b-1x16gb", ["train.data.max_length=131072"])
+    too_long = load_preset("gpt-oss-20b-1xh100", ["train.data.max_length=131072"])
     head, *_ = train_tab.estimate_view(too_long, force=False, lang="zh")
     assert "放得下的最长 max_length：" in head  # what would fit, all else kept
     hopeless = load_preset("gpt-oss-20b-1x16gb", ["train.gpu_memory_gib=2"])
