@@ -257,7 +257,7 @@ def predicted(cfg: TrainConfig, arch: Architecture, gpu_gib: float | None, on_gp
     arch = dataclasses.replace(arch, mxfp4_experts=cfg.base_weights == "mxfp4")
     est = estimate(cfg, arch, gpu_gib, 1, on_gpu=on_gpu, search_fix=False, plain_hf=plain_hf)
     return {"est_peak_gib": round(est.peak_allocated_gib, 2), "est_total_gib": round(est.total_gib, 2),
-            "est_peak_at": est.peak_at, "est_fits": est.fits, "est_trainable": est.trainable_params}
+            "est_peak_at": str(est.peak_at), "est_fits": est.fits, "est_trainable": est.trainable_params}
 
 
 def error_pct(pred: float | None, measured: float | None) -> float | None:

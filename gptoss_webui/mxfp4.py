@@ -17,6 +17,8 @@ import functools
 import math
 from typing import TYPE_CHECKING, Any
 
+from gptoss_webui.messages import Message, say
+
 if TYPE_CHECKING:  # torch is imported where it is used: the estimator reads this module's constants without it
     import torch
 
@@ -37,19 +39,18 @@ def is_mxfp4_config(config: Any) -> bool:
     return method == "mxfp4"
 
 
-def choose_base_weights(cfg, checkpoint_mxfp4: bool) -> tuple[str, str]:
-    """For a TrainConfig: ("mxfp4" | "bf16" | "auto", a one-line reason where mxfp4 was asked for and cannot
-    be had, else ""). "auto" means both are possible: the estimator picks by what fits (memory.estimate)."""
+def choose_base_weights(cfg, checkpoint_mxfp4: bool) -> tuple[str, Message | None]:
+    """For a TrainConfig: ("mxfp4" | "bf16" | "auto", why, where mxfp4 was asked for and cannot be had, else
+    None). "auto" means both are possible: the estimator picks by what fits (memory.estimate)."""
     wanted = cfg.base_weights
     if wanted == "bf16":
-        return "bf16", ""
+        return "bf16", None
     if not checkpoint_mxfp4:
-        return "bf16", (f"base_weights=mxfp4, but {cfg.model} does not store its experts in MXFP4: they load as "
-                        f"stored, in {cfg.precision}") if wanted == "mxfp4" else ""
+        why = say("mxfp4.not_stored", model=cfg.model, precision=cfg.precision)
+        return "bf16", why if wanted == "mxfp4" else None
     if cfg.deepspeed.enabled and cfg.deepspeed.stage == 3:
-        return "bf16", ("base_weights=mxfp4 falls back to bf16 under ZeRO-3, which shards bf16 weights; MXFP4 "
-                        "experts train on one GPU or under ZeRO-2") if wanted == "mxfp4" else ""
-    return wanted, ""
+        return "bf16", say("mxfp4.zero3") if wanted == "mxfp4" else None
+    return wanted, None
 
 
 def _decode(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

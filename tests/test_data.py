@@ -92,7 +92,7 @@ def test_packing_fills_blocks_best_fit_and_counts_padding(tmp_path, tokenizer):
     stats = prepare(cfg, tokenizer, batch_size=2).stats
     assert (stats.rows, stats.examples, stats.truncated, stats.dropped) == (14, 14, 1, 0)
     assert stats.blocks == 4 and stats.padding < 0.05 < 0.3 < stats.padding_unpacked
-    assert "14 training examples from 14 rows (1 truncated at max_length, 0 dropped" in stats.describe()
+    assert "14 training examples from 14 rows (1 truncated at max_length, 0 dropped" in str(stats.summary())
     unpacked = prepare(cfg.model_copy(update={"packing": False}), tokenizer, batch_size=2).stats
     assert unpacked.blocks == 14 and unpacked.padding == unpacked.padding_unpacked == stats.padding_unpacked
 

@@ -102,7 +102,7 @@ def test_memory_held_by_other_processes_on_the_chosen_gpus_is_named():
 
     found = [Gpu(0, "H100", 79.2, 70.1), Gpu(1, "H100", 79.2, 0.5)]
     assert busy_gpu_message(found, [1], 43.0) is None
-    message = busy_gpu_message(found, [0, 1], 43.0)
+    message = str(busy_gpu_message(found, [0, 1], 43.0))
     assert message.startswith("GPU 0 (H100) has 9.1 GiB free of 79.2: other processes hold 70.1 GiB")
     assert "this run needs 43.0 GiB" in message and "--force" in message
 

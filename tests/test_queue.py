@@ -49,7 +49,9 @@ def test_the_ledger_names_who_holds_which_gpu(tmp_path, monkeypatch):
         (tmp_path / "ws").mkdir()
         (tmp_path / "ws" / "engine.json").write_text(json.dumps(
             {"state": "running", "pid": sleeper.pid, "create_time": created, "port": 1, "gpus": [6]}))
-        assert queue.holders(tmp_path / "runs", [5, 6, 7]) == ["run holder (GPUs 5)", "the serving engine (GPUs 6)"]
+        held = queue.holders(tmp_path / "runs", [5, 6, 7])
+        assert [str(h) for h in held] == ["run holder (GPUs 5)", "the serving engine (GPUs 6)"]
+        assert [h.render("zh") for h in held] == ["运行 holder（GPU 5）", "部署引擎（GPU 6）"]  # as the UI shows them
         assert queue.holders(tmp_path / "runs", [4, 7]) == []
     finally:
         sleeper.kill()
@@ -64,10 +66,10 @@ def test_a_second_training_waits_its_turn_and_a_queued_one_can_be_cancelled(tmp_
     third = launch(_recipe(runs, "third"))
     assert run_state(first) == "running"
     assert run_state(second) == run_state(third) == "queued"
-    assert queue.place(second) == "queued for GPUs 0,1, behind run first (GPUs 0,1)"
-    assert "behind run first (GPUs 0,1), run second (queued before it)" in queue.place(third)
+    assert str(queue.place(second)) == "queued for GPUs 0,1, behind run first (GPUs 0,1)"
+    assert "behind run first (GPUs 0,1), run second (queued before it)" in str(queue.place(third))
     with pytest.raises(LaunchError, match=r"GPUs 0,1 are taken by run first \(GPUs 0,1\), run second \(queued "
-                                          r"before\), run third \(queued before\): two jobs on one GPU"):
+                                          r"before it\), run third \(queued before it\): two jobs on one GPU"):
         launch(_recipe(runs, "refused"), wait_in_queue=False)
     assert not (runs / "refused").exists()
 

@@ -1,4 +1,5 @@
-"""Both languages cover every string the UI shows, with the same placeholders."""
+"""Both languages cover every string the UI shows, with the same placeholders: the UI's labels and the pipeline's
+messages (gptoss_webui/locales), which the Train tab shows in the page's language."""
 
 from __future__ import annotations
 
@@ -7,21 +8,36 @@ from pathlib import Path
 
 import pytest
 
-from gptoss_webui.ui.i18n import LANGS, detect_lang, t, table
+from gptoss_webui.messages import MESSAGES
+from gptoss_webui.ui.i18n import LANGS, UI, detect_lang, t, table
 
-UI = Path(__file__).resolve().parent.parent / "gptoss_webui" / "ui"
+PACKAGE = Path(__file__).resolve().parent.parent / "gptoss_webui"
 
 
-def test_tables_have_the_same_keys_and_placeholders():
-    en, zh = table("en"), table("zh")
+@pytest.mark.parametrize("catalog", [UI, MESSAGES], ids=["ui", "messages"])
+def test_tables_have_the_same_keys_and_placeholders(catalog):
+    en, zh = catalog.table("en"), catalog.table("zh")
     assert set(en) == set(zh), {"only en": set(en) - set(zh), "only zh": set(zh) - set(en)}
-    for key in en:
-        assert set(re.findall(r"{(\w+)}", en[key])) == set(re.findall(r"{(\w+)}", zh[key])), key
+    for key in en:  # the same names with the same format specs ({gib:.1f}), so numbers read alike
+        assert set(re.findall(r"{(\w+[^}]*)}", en[key])) == set(re.findall(r"{(\w+[^}]*)}", zh[key])), key
+
+
+def test_every_message_the_pipeline_says_exists():
+    said = set()
+    for path in PACKAGE.rglob("*.py"):
+        code = path.read_text(encoding="utf-8")
+        if "from gptoss_webui.messages import" in code:  # another `say` (engine_ctl's progress) is not this one
+            said |= set(re.findall(r'\bsay\(\s*"([\w.]+)"', code))
+            said |= set(re.findall(r'\bjoined\([^\n]*"([\w.]+)"\)', code))
+    said |= {"list.and"}  # joined()'s default
+    assert said == set(MESSAGES.table("en")), {"missing": said - set(MESSAGES.table("en")),
+                                               "never said": set(MESSAGES.table("en")) - said}
+    assert not set(MESSAGES.table("en")) & set(table("en")), "a key in both catalogs"
 
 
 def test_every_key_used_in_the_code_exists():
     used = set()
-    for path in UI.glob("*.py"):
+    for path in (PACKAGE / "ui").glob("*.py"):
         text = path.read_text(encoding="utf-8")
         used |= set(re.findall(r'"((?:app|tab|state|train|serve|chat|msg)\.[a-z_.]+)"', text))
     dynamic = {k for k in used if k.endswith(".")}  # prefixes such as "state." + name
@@ -67,3 +83,20 @@ def test_t_formats_and_falls_back():
     assert t("train.progress", "zh", step=1, total=6, pct=16) == "第 1 / 6 步（16%）"
     assert t("no.such.key", "zh") == "no.such.key"
     assert t("tab.train", "xx") == "Train"
+
+
+def test_every_message_reads_in_chinese():
+    """Every message the pipeline says has its own Chinese wording (only pure notation is the same in both), and
+    nested messages follow the outer one's language."""
+    from gptoss_webui.messages import say
+
+    en, zh = MESSAGES.table("en"), MESSAGES.table("zh")
+    assert {k for k in en if en[k] == zh[k]} == {"memory.plus", "memory.setup.zero"}
+    joiners = {"memory.plus", "memory.setup.zero", "list.and", "memory.verdict.remedy"}  # punctuation only
+    assert not [k for k in zh if k not in joiners and not re.search(r"[\u4e00-\u9fff]", zh[k])]
+    verdict = say("memory.verdict.remedy", verdict=say("memory.verdict.no_fit", total=30.04, over=6.5, gpu=23.5),
+                  remedy=say("memory.no_fix"))
+    assert verdict.render("zh") == ("放不下：每张 GPU 需要 30.0 GiB，比 23.5 GiB 的显卡多出 6.5 GiB；"
+                                    "这里尝试过的改动都放不下（需要 4 位专家/QLoRA 或显存更大的显卡）")
+    assert str(verdict) == ("does not fit: needs 30.0 GiB per GPU, 6.5 GiB over a 23.5 GiB card; no change tried "
+                            "here makes it fit (4-bit experts/QLoRA or larger cards would be needed)")

@@ -90,5 +90,9 @@ def test_the_metrics_line_shows_what_preparing_the_data_did_in_both_languages(tm
     EventWriter(run.events_path).emit("start", world_size=1, model="m", trainable_params=1, total_params=2,
                                       total_steps=38, resumed_from_step=0, data=stats.__dict__)
     v = runview.view(run)
-    assert "998 examples from 1,000 rows (84 truncated, 2 dropped) in 593 blocks · padding 3.1%" in metrics_md(v, "en")
-    assert "不打包：30.3%" in metrics_md(v, "zh")
+    # The pipeline's words (the CLI prints the same English), in the page's language.
+    assert f"data: {stats.summary()}" in metrics_md(v, "en")
+    assert ("998 training examples from 1,000 rows (84 truncated at max_length, 2 dropped: nothing left to train), "
+            "packed into 593 blocks; padding 3.1% of tokens (one example per item: 30.3%)") in metrics_md(v, "en")
+    assert ("数据：1,000 行得到 998 个训练样本（84 个被截断到 max_length，2 个因没有可训练内容而丢弃），打包为 593 块；"
+            "填充占 token 的 3.1%（每项一个样本时：30.3%）") in metrics_md(v, "zh")

@@ -105,3 +105,69 @@ def test_the_page_builds_with_a_widget_for_every_form_field(tmp_path):
     from gptoss_webui.ui.app import build_app
 
     assert build_app(str(tmp_path / "runs"), lang="en") is not None
+
+
+# --- what the pipeline says, in the page's language ------------------------------------------------------------
+
+def test_the_estimate_is_worded_in_the_page_language():
+    recipe = load_preset("gpt-oss-20b-2x24gb", ["train.base_weights=bf16"])
+    head, report, *_ = train_tab.estimate_view(recipe, force=False, lang="zh")
+    assert "放不下" in head and "专家保持 MXFP4 格式（base_weights bf16 -> mxfp4）" in head  # the cheapest fix
+    for words in ("基础权重", "LoRA 权重 + 梯度 + Adam", "保存的激活", "合计", "GPU 显存", "每张 GPU：2 张 GPU，ZeRO-2",
+                  "放不下：每张 GPU 需要", "代价最小的改法：专家保持 MXFP4 格式"):
+        assert words in report, words
+    assert not any(words in report for words in ("base weights", "does not fit", "cheapest fix", "per GPU"))
+    # The breakdown stays a table in monospace: every amount starts in the same column, CJK counted double.
+    from gptoss_webui.train.memory import _width
+
+    rows = [line for line in report.splitlines() if line.startswith("  ") and "GiB)" not in line]
+    assert len(rows) > 6 and len({_width(line[:line.index(" GiB")]) for line in rows}) == 1, rows
+    en_head, en_report, *_ = train_tab.estimate_view(recipe, force=False, lang="en")
+    assert "keep the experts in MXFP4 (base_weights bf16 -> mxfp4)" in en_head and "cheapest fix" in en_report
+
+    too_long = load_preset("gpt-oss-20b-1xh100", ["train.data.max_length=131072"])
+    head, *_ = train_tab.estimate_view(too_long, force=False, lang="zh")
+    assert "放得下的最长 max_length：" in head  # what would fit, all else kept
+    hopeless = load_preset("gpt-oss-20b-1x16gb", ["train.gpu_memory_gib=2"])
+    head, report, ok, *_ = train_tab.estimate_view(hopeless, force=False, lang="zh")
+    assert not ok and "这里尝试过的改动都放不下（需要 4 位专家/QLoRA 或显存更大的显卡）" in head
+
+
+def test_a_queued_runs_place_is_worded_in_the_page_language(tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    from gptoss_webui.runs import RunsDir
+
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        created = psutil.Process(sleeper.pid).create_time()
+        for name, state in (("holder", "running"), ("waiting", "queued")):
+            run = RunsDir(tmp_path).create(name)
+            run.config_path.write_text("train: {}\n")
+            run.write_status(state=state, pid=sleeper.pid, pgid=sleeper.pid, create_time=created, gpus=[5],
+                             queued_at=time.time())
+        v = runview.view(run)
+        assert ("正在排队等待 GPU 5，前面是：运行 holder（GPU 5）；资源空出后自动开始"
+                in train_tab.state_md(v, "zh"))
+        assert "queued for GPUs 5, behind run holder (GPUs 5); it starts by itself" in train_tab.state_md(v, "en")
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+def test_data_and_launch_errors_are_worded_in_the_page_language(tmp_path):
+    from gptoss_webui.paths import workspace_dir
+    from gptoss_webui.ui.form import form_values
+
+    runs = str(tmp_path / "runs")
+    missing = workspace_dir() / "data" / "missing.jsonl"
+    recipe = load_preset("tiny-cpu-demo", [f"train.data.path={missing}"])
+    _, said = train_tab.on_preview(runs, "zh", recipe.model_dump(mode="json"), "", *form_values(recipe))
+    assert said == f"❌ 预览失败：找不到数据集文件：{missing}"
+    recipe = load_preset("tiny-cpu-demo", ["train.deepspeed.offload_optimizer=true"])
+    _, reason = train_tab.on_start(runs, "zh", False, recipe.model_dump(mode="json"), "", *form_values(recipe))
+    assert reason.startswith("❌ 无法开始：deepspeed.offload_optimizer 把优化器状态从 GPU 显存移到 CPU 内存")

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from gptoss_webui.config import ConfigError, DataConfig
+from gptoss_webui.messages import Message, say
 from gptoss_webui.sources import resolve_dataset
 
 IGNORE_INDEX = -100  # label value the loss skips
@@ -61,18 +62,18 @@ def read_rows(cfg: DataConfig) -> list[Row]:
     if cfg.max_samples:
         rows = rows[: cfg.max_samples]
     if not rows:
-        raise DataError(f"{spec}: the dataset is empty")
+        raise DataError(say("data.empty", path=spec))
     return rows
 
 
 def _read_local(path: Path) -> list[Row]:
     if path.is_dir():
         found = sorted(p.name for p in path.iterdir() if p.suffix.lower() in LOCAL_SUFFIXES)
-        inside = f"data files in it: {', '.join(found[:10])}" if found else \
-            f"it holds no {'/'.join(LOCAL_SUFFIXES)} file"
-        raise DataError(f"{path} is a folder; give one data file ({inside})")
+        inside = (say("data.folder_files", files=", ".join(found[:10])) if found else
+                  say("data.folder_empty", suffixes="/".join(LOCAL_SUFFIXES)))
+        raise DataError(say("data.folder", path=path, inside=inside))
     if not path.is_file():
-        raise DataError(f"dataset file not found: {path}")
+        raise DataError(say("data.not_found", path=path))
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
         rows = []
@@ -259,13 +260,13 @@ class DataStats:
     padding: float  # share of padding tokens in the batches as trained
     padding_unpacked: float  # the same, one example per item
 
-    def describe(self) -> str:
-        text = f"{self.examples:,} training examples from {self.rows:,} rows"
+    def summary(self) -> Message:
+        counts = say("data.counts", examples=self.examples, rows=self.rows)
         if self.truncated or self.dropped:
-            text += f" ({self.truncated:,} truncated at max_length, {self.dropped:,} dropped: nothing left to train)"
+            counts = say("data.cut", counts=counts, truncated=self.truncated, dropped=self.dropped)
         if self.blocks != self.examples:
-            text += f", packed into {self.blocks:,} blocks"
-        return text + f"; padding {self.padding:.1%} of tokens (one example per item: {self.padding_unpacked:.1%})"
+            counts = say("data.packed", counts=counts, blocks=self.blocks)
+        return say("data.summary", counts=counts, padding=self.padding, unpacked=self.padding_unpacked)
 
 
 @dataclass
@@ -281,8 +282,7 @@ def prepare(cfg: DataConfig, tokenizer: Any, seed: int = 42, batch_size: int = 1
     fmt = cfg.format if cfg.format != "auto" else detect_format(rows[0])
     samples = [(r.source, to_messages(r, fmt)) for r in rows]  # checks every row before tokenizing any
     if fmt == "messages" and all(not s[-1]["content"].strip() and not s[-1].get("thinking") for _, s in samples):
-        raise DataError(f"{cfg.path}: every assistant answer is empty (e.g. {samples[0][0]}); training on them "
-                        "would teach the model to answer nothing")
+        raise DataError(say("data.empty_answers", path=cfg.path, example=samples[0][0]))
     examples, truncated = [], 0
     for source, sample in samples:
         ex = tokenize(tokenizer, sample, cfg.max_length, source)
@@ -290,8 +290,7 @@ def prepare(cfg: DataConfig, tokenizer: Any, seed: int = 42, batch_size: int = 1
         if any(label != IGNORE_INDEX for label in ex.labels):
             examples.append(ex)
     if not examples:
-        raise DataError(f"{cfg.path}: no example has a trainable token left after truncation to "
-                        f"{cfg.max_length} tokens; raise data.max_length")
+        raise DataError(say("data.nothing_trainable", path=cfg.path, max_length=cfg.max_length))
     order = list(range(len(examples)))
     random.Random(seed).shuffle(order)
     n_val = int(len(examples) * cfg.validation_fraction)

@@ -23,6 +23,7 @@ import psutil
 from gptoss_webui import processes
 from gptoss_webui.config import ConfigError, Recipe, TrainConfig
 from gptoss_webui.events import EventReader, EventWriter
+from gptoss_webui.messages import Message, joined, say
 from gptoss_webui.paths import cache_dir
 from gptoss_webui.runs import Run, RunsDir
 from gptoss_webui.train import queue
@@ -47,15 +48,13 @@ def preflight(cfg: TrainConfig, force: bool = False) -> None:
 
     model_path = resolve_model(cfg.model)
     if not Path(model_path).is_dir() and not _in_hub_cache(model_path):
-        raise LaunchError(f"model not found: '{cfg.model}' is neither a local folder nor a model in the "
-                          "Hugging Face cache; download it first or pick a preset's model")
+        raise LaunchError(say("launch.model_not_found", model=cfg.model))
     try:
         model_config = AutoConfig.from_pretrained(model_path)
     except (OSError, ValueError) as exc:
-        raise LaunchError(f"cannot read the model config of '{cfg.model}': {str(exc).splitlines()[0]}") from None
+        raise LaunchError(say("launch.model_config", model=cfg.model, error=str(exc).splitlines()[0])) from None
     if cfg.precision == "fp16" and model_config.model_type == "gpt_oss":
-        raise LaunchError("precision=fp16 is refused for gpt-oss: fp16 overflows in its last layers (all-NaN "
-                          "logits were reported). Use bf16 (fp32 on the CPU)")
+        raise LaunchError(say("launch.fp16"))
     rows = read_rows(cfg.data.model_copy(update={"path": resolve_dataset(cfg.data.path)}))
     fmt = cfg.data.format if cfg.data.format != "auto" else detect_format(rows[0])
     for row in rows:
@@ -63,24 +62,21 @@ def preflight(cfg: TrainConfig, force: bool = False) -> None:
     choose_attention(cfg.attention, model_config.model_type, on_gpu=_has_gpu())
     _check_lora_targets(cfg, model_config)
     if cfg.deepspeed.enabled and cfg.deepspeed.offload_optimizer and not _has_gpu():
-        raise LaunchError("deepspeed.offload_optimizer moves optimizer states from GPU to CPU memory; on a "
-                          "CPU-only host there is nothing to offload: set deepspeed.offload_optimizer=false")
+        raise LaunchError(say("launch.offload_on_cpu"))
     if cfg.hostfile and not Path(cfg.hostfile).is_file():
-        raise LaunchError(f"hostfile not found: {cfg.hostfile}")
+        raise LaunchError(say("launch.hostfile", path=cfg.hostfile))
     if not force:
         _check_memory(cfg)
 
 
-def busy_gpu_message(found: list, indices: list[int], needed_gib: float) -> str | None:
+def busy_gpu_message(found: list, indices: list[int], needed_gib: float) -> Message | None:
     """Why the GPUs a run will use cannot hold it right now: other processes (a vLLM engine, another job) hold
     memory there, so the card's total, which the estimate is judged against, is not what is free."""
     for gpu in (g for g in found if g.index in indices):
         free = gpu.total_gib - gpu.used_gib
         if needed_gib > free:
-            return (f"GPU {gpu.index} ({gpu.name}) has {free:.1f} GiB free of {gpu.total_gib:.1f}: other processes "
-                    f"hold {gpu.used_gib:.1f} GiB (a serving engine? nvidia-smi shows which), and this run needs "
-                    f"{needed_gib:.1f} GiB. Stop them, pick other cards with CUDA_VISIBLE_DEVICES, or launch anyway "
-                    "with --force (CLI) or the Force box (UI)")
+            return say("launch.gpu_busy", index=gpu.index, name=gpu.name, free=free, total=gpu.total_gib,
+                       used=gpu.used_gib, needed=needed_gib)
     return None
 
 
@@ -210,19 +206,15 @@ def resume(run_name: str, runs_dir: str = "runs", force: bool = False, wait_in_q
     return run
 
 
-def _waiting_for(cfg: TrainConfig, me: Run | None) -> list[str]:
-    gpus = queue.planned_gpus(cfg, world_size(cfg))
-    return (queue.holders(cfg.runs_dir, gpus, me=me)
-            + [f"run {r.name} (queued before)" for r in queue.ahead_of(cfg.runs_dir, gpus, me=me)])
+def _waiting_for(cfg: TrainConfig, me: Run | None) -> list[Message]:
+    return queue.waiting_for(cfg.runs_dir, queue.planned_gpus(cfg, world_size(cfg)), me=me)
 
 
-def _refuse_if_taken(cfg: TrainConfig, me: Run | None, waiting: list[str] | None = None) -> None:
+def _refuse_if_taken(cfg: TrainConfig, me: Run | None, waiting: list[Message] | None = None) -> None:
     """The --no-queue refusal, naming who holds the GPUs (`waiting`, when the caller has already looked)."""
     if waiting := _waiting_for(cfg, me) if waiting is None else waiting:
         gpus = ",".join(map(str, queue.planned_gpus(cfg, world_size(cfg))))
-        raise LaunchError(f"GPUs {gpus} are taken by {', '.join(waiting)}: two jobs on one GPU run out of memory "
-                          "part way. Wait for them or stop them, launch without --no-queue to wait in line, or "
-                          "launch anyway with --force (CLI) or the Force box (UI)")
+        raise LaunchError(say("launch.gpus_taken", gpus=gpus, holders=joined(waiting)))
 
 
 def _start(run: Run, cfg: TrainConfig, resume_from: str | None, force: bool = False,
@@ -237,7 +229,7 @@ def _start(run: Run, cfg: TrainConfig, resume_from: str | None, force: bool = Fa
         with open(run.log_path, "ab") as log:
             log.write(f"\n$ {shlex.join(cmd)}\n".encode())
             if waiting:
-                log.write(f"queued: waiting for {', '.join(waiting)}\n".encode())
+                log.write(f"queued: waiting for {joined(waiting)}\n".encode())
             log.flush()
             proc = subprocess.Popen(supervisor, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                     env=launch_env(cfg), start_new_session=True)

@@ -13,11 +13,13 @@ adds the CUDA context and allocator fragmentation on top.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import unicodedata
+from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any
 
 from gptoss_webui.architecture import Architecture, resolve_architecture
 from gptoss_webui.config import MAX_LENGTH_LIMIT, LoraConfig, TrainConfig
+from gptoss_webui.messages import Message, joined, say, text
 from gptoss_webui.mxfp4 import BYTES_PER_WEIGHT, choose_base_weights
 
 GIB = 2**30
@@ -64,7 +66,7 @@ class LoraCount:
     attention: int  # all target_modules, all layers
     experts: int  # all target_parameters, expert layers only
     expert_layers: tuple[int, ...]
-    notes: tuple[str, ...] = ()
+    notes: tuple[Message, ...] = ()
 
     @property
     def total(self) -> int:
@@ -84,7 +86,7 @@ def count_lora(lora: LoraConfig, arch: Architecture) -> LoraCount:
             fan_in, fan_out = shapes[name]
             per_layer += r * (fan_in + fan_out)
         elif name != "all-linear":
-            notes.append(f"target module '{name}' is not a known nn.Linear of {arch.model_type}: not counted")
+            notes.append(say("memory.note.unknown_module", name=name, model_type=arch.model_type))
     attention = per_layer * arch.layers
 
     experts, layers = 0, ()
@@ -92,13 +94,13 @@ def count_lora(lora: LoraConfig, arch: Architecture) -> LoraCount:
     wanted = [p for p in lora.expert_parameters if p in eshapes]
     for p in lora.expert_parameters:
         if p not in eshapes:
-            notes.append(f"expert parameter '{p}' does not exist in {arch.model_type}: not counted")
+            notes.append(say("memory.note.unknown_expert_parameter", name=p, model_type=arch.model_type))
     if wanted:
         chosen = range(arch.layers) if lora.expert_layers == "all" else lora.expert_layers
         layers = tuple(sorted({i for i in chosen if 0 <= i < arch.layers}))
         outside = sorted({i for i in chosen if not 0 <= i < arch.layers})
         if outside:
-            notes.append(f"expert_layers {outside} do not exist ({arch.layers} layers): ignored")
+            notes.append(say("memory.note.outside_layers", layers=str(outside), n=arch.layers))
         experts = len(layers) * sum(r * e * (a + b) for e, a, b in (eshapes[p] for p in wanted))
     return LoraCount(attention, experts, layers, tuple(notes))
 
@@ -107,15 +109,15 @@ def count_lora(lora: LoraConfig, arch: Architecture) -> LoraCount:
 
 @dataclass
 class Term:
-    name: str
+    name: Message
     gib: float
-    detail: str = ""
+    detail: Message | str = ""  # a bare formula needs no words
     counted: bool = True  # False: real, but not alive at the peak (shown for information)
 
 
 @dataclass
 class Fix:
-    change: str  # in words
+    change: Message  # in words
     overrides: list[str]  # for --set (TrainConfig keys prefixed with train.)
     total_gib: float
     margin_gib: float
@@ -124,7 +126,7 @@ class Fix:
 @dataclass
 class Estimate:
     model: str
-    setup: str
+    setup: Message
     terms: list[Term]
     peak_allocated_gib: float  # what torch.cuda.max_memory_allocated would show
     total_gib: float  # + CUDA context + fragmentation: what the card must hold
@@ -135,49 +137,79 @@ class Estimate:
     trainable_params: int
     total_params: int
     attention: str
-    peak_at: str
+    peak_at: Message  # the term that sets the peak
     base_weights: str = "bf16"  # the form the experts take: "auto" resolved here, for the worker too
     fix: Fix | None = None
     longest_max_length: int | None = None  # the longest data.max_length that fits, all else kept
-    notes: list[str] = field(default_factory=list)
+    notes: list[Message] = field(default_factory=list)
 
     @property
-    def verdict(self) -> str:
+    def verdict(self) -> Message:
         if self.gpu_gib is None:
-            return (f"needs {self.total_gib:.1f} GiB; no GPU on this host and train.gpu_memory_gib is unset, "
-                    "so nothing to judge against (the CPU demo trains in host memory)")
+            return say("memory.verdict.no_gpu", total=self.total_gib)
         if self.fits:
-            return f"fits with {self.margin_gib:.1f} GiB to spare"
-        text = (f"does not fit: needs {self.total_gib:.1f} GiB per GPU, {-self.margin_gib:.1f} GiB over a "
-                f"{self.gpu_gib:.1f} GiB card")
-        if self.fix is None:
-            return text + ("; no change tried here makes it fit (4-bit experts/QLoRA or larger cards "
-                           "would be needed)")
-        return (f"{text}; cheapest fix: {self.fix.change} (--set {' --set '.join(self.fix.overrides)}): "
-                f"then needs {self.fix.total_gib:.1f} GiB, fits with {self.fix.margin_gib:.1f} GiB to spare")
+            return say("memory.verdict.fits", margin=self.margin_gib)
+        over = say("memory.verdict.no_fit", total=self.total_gib, over=-self.margin_gib, gpu=self.gpu_gib)
+        return say("memory.verdict.remedy", verdict=over, remedy=self.remedy)
 
-    def report(self) -> str:
-        width = max(len(t.name) for t in self.terms) + 2
-        lines = [f"{self.model}: {self.total_params / 1e9:.2f} B parameters, LoRA {self.trainable_params:,} "
-                 f"trainable ({100 * self.trainable_params / self.total_params:.4f} %)",
-                 f"per GPU: {self.setup}", ""]
-        for t in self.terms:
+    @property
+    def remedy(self) -> Message | None:
+        """What would make it fit: the cheapest fix, or that none was found; None when it fits."""
+        if self.fits:
+            return None
+        if self.fix is None:
+            return say("memory.no_fix")
+        return say("memory.fix", change=self.fix.change, overrides=" --set ".join(self.fix.overrides),
+                   total=self.fix.total_gib, margin=self.fix.margin_gib)
+
+    @property
+    def longest(self) -> Message | None:
+        """What would fit with everything else kept: the longest max_length."""
+        return say("memory.longest", tokens=self.longest_max_length) if self.longest_max_length else None
+
+    def report(self, lang: str = "en") -> str:
+        """The breakdown, the verdict and the notes as monospace text, worded in `lang`."""
+        names = [t.name.render(lang) for t in self.terms]
+        total, gpu = say("memory.report.total").render(lang), say("memory.report.gpu").render(lang)
+        width = max(map(_width, [*names, total, gpu])) + 2
+        lines = [say("memory.report.head", model=self.model, params=self.total_params / 1e9,
+                     trainable=self.trainable_params, pct=100 * self.trainable_params / self.total_params).render(lang),
+                 say("memory.report.setup", setup=self.setup).render(lang), ""]
+        for t, name in zip(self.terms, names, strict=True):
             value = f"{t.gib:8.2f} GiB " if t.counted else f"{'(' + format(t.gib, '.2f'):>9} GiB)"
-            lines.append(f"  {t.name:<{width}}{value} {t.detail}".rstrip())
-        lines.append(f"  {'total':<{width}}{self.total_gib:8.2f} GiB  peak at the {self.peak_at}; "
-                     "( ) = not alive then")
+            lines.append(f"  {_pad(name, width)}{value} {text(t.detail, lang)}".rstrip())
+        lines.append(f"  {_pad(total, width)}{self.total_gib:8.2f} GiB  "
+                     + say("memory.report.peak", peak=self.peak_at).render(lang))
         if self.gpu_gib is not None:
-            lines.append(f"  {'GPU memory':<{width}}{self.gpu_gib:8.2f} GiB")
-        lines += ["", self.verdict]
-        if self.longest_max_length:
-            lines.append(f"longest max_length that fits: {self.longest_max_length:,} tokens")
-        lines += [f"note: {n}" for n in self.notes]
+            lines.append(f"  {_pad(gpu, width)}{self.gpu_gib:8.2f} GiB")
+        lines += ["", self.verdict.render(lang)]
+        if self.longest:
+            lines.append(self.longest.render(lang))
+        lines += [say("memory.report.note", note=n).render(lang) for n in self.notes]
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:
-        out = asdict(self)
-        out["verdict"] = self.verdict
-        return out
+        """JSON-ready, every message in English."""
+        return {**_plain(self), "verdict": str(self.verdict)}
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Message):
+        return str(value)
+    if is_dataclass(value):
+        return {f.name: _plain(getattr(value, f.name)) for f in fields(value)}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _width(text: str) -> int:
+    """Columns `text` takes in a monospace font: CJK characters take two, so the breakdown stays aligned."""
+    return sum(2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in text)
+
+
+def _pad(text: str, width: int) -> str:
+    return text + " " * (width - _width(text))
 
 
 def resolve_attention(requested: str, model_type: str, on_gpu: bool) -> str:
@@ -222,9 +254,9 @@ def estimate(train_cfg: TrainConfig, arch: Architecture, gpu_gib: float | None, 
     tokens = b * s
     attention = resolve_attention(cfg.attention, arch.model_type, on_gpu)
     quadratic = attention == "eager"
-    notes: list[str] = []
+    notes: list[Message] = []
     if arch.model_type == "gpt_oss" and attention in ("sdpa", "flash_attention_2"):
-        notes.append(f"attention={attention} is refused for gpt-oss (sinks); estimated as flex_attention")
+        notes.append(say("memory.note.attention_refused", attention=attention))
 
     lora = count_lora(cfg.lora, arch)
     notes += lora.notes
@@ -239,8 +271,8 @@ def estimate(train_cfg: TrainConfig, arch: Architecture, gpu_gib: float | None, 
         bf16 = estimate(cfg.model_copy(update={"base_weights": "bf16"}), arch, gpu_gib, world_size, on_gpu=on_gpu,
                         search_fix=False, plain_hf=plain_hf)
         base_weights = "bf16" if bf16.fits else "mxfp4"
-        notes.append("base_weights auto -> bf16: it fits, and bf16 experts train faster" if bf16.fits else
-                     f"base_weights auto -> mxfp4: bf16 experts would need {bf16.total_gib:.1f} GiB")
+        notes.append(say("memory.note.auto_bf16") if bf16.fits else
+                     say("memory.note.auto_mxfp4", total=bf16.total_gib))
     mxfp4 = base_weights == "mxfp4"
     expert_weights = arch.layers * arch.expert_params_per_layer if mxfp4 else 0
     weights_all = ((arch.total_params - expert_weights) * p + expert_weights * BYTES_PER_WEIGHT) / GIB
@@ -250,25 +282,27 @@ def estimate(train_cfg: TrainConfig, arch: Architecture, gpu_gib: float | None, 
         weights_all -= arch.embedding_params * p / GIB
     live = min(arch.total_params, ZERO3_LIVE_LAYERS * max(arch.layer_params, arch.embedding_params)) * p / GIB
     terms = []
+    base = say("memory.term.base_weights")
     if offload_params:
-        terms.append(Term("base weights", 0.0, f"{weights_all:.2f} GiB in CPU memory (ZeRO-3 offload)"))
+        terms.append(Term(base, 0.0, say("memory.detail.offloaded", gib=weights_all)))
     elif stage == 3:
-        terms.append(Term("base weights", weights_all / n, f"{weights_all:.2f} GiB sharded over {n} GPUs"))
+        terms.append(Term(base, weights_all / n, say("memory.detail.sharded", gib=weights_all, n=n)))
     elif mxfp4:
-        terms.append(Term("base weights", weights_all, f"experts MXFP4 ({expert_weights * BYTES_PER_WEIGHT / GIB:.2f} "
-                          f"GiB), the rest {cfg.precision}; input embeddings in CPU memory; a copy on every GPU"))
+        terms.append(Term(base, weights_all, say("memory.detail.mxfp4", gib=expert_weights * BYTES_PER_WEIGHT / GIB,
+                                                 precision=cfg.precision)))
     else:
-        terms.append(Term("base weights", weights_all, f"{cfg.precision}; input embeddings in CPU memory; a full "
-                          "copy on every GPU"))
+        terms.append(Term(base, weights_all, say("memory.detail.full_copy", precision=cfg.precision)))
     if stage == 3:
-        terms.append(Term("ZeRO-3 gathered layers", live, f"about {ZERO3_LIVE_LAYERS} layers materialised"))
+        terms.append(Term(say("memory.term.zero3_layers"), live, say("memory.detail.zero3_layers",
+                                                                     layers=ZERO3_LIVE_LAYERS)))
 
     # 2. LoRA weights + grads + Adam (FACTS 2): ZeRO-2/3 shard grads and Adam, ZeRO-3 the weights too.
     shard = n if stage else 1
     lora_bytes = P * (LORA_WEIGHT_BYTES / (n if stage == 3 else 1) + LORA_GRAD_BYTES / shard
                       + (0 if offload_optimizer else ADAM_BYTES / shard))
-    terms.append(Term("LoRA weights + grads + Adam", lora_bytes / GIB,
-                      f"{P:,} params" + (", Adam in CPU memory" if offload_optimizer else "")))
+    terms.append(Term(say("memory.term.lora"), lora_bytes / GIB,
+                      say("memory.detail.lora_offloaded", params=P) if offload_optimizer
+                      else say("memory.detail.lora", params=P)))
 
     # 3-5. activations, the layer in backward, logits: peak = max(loss, one layer's backward).
     per_layer = _layer_saved_bytes_per_token(arch, p) * tokens
@@ -279,58 +313,61 @@ def estimate(train_cfg: TrainConfig, arch: Architecture, gpu_gib: float | None, 
     final = tokens * arch.hidden * (RMSNORM_SAVED_BYTES + p)  # final norm + lm_head input
     if cfg.gradient_checkpointing:
         saved = arch.layers * tokens * arch.hidden * p + final
-        saved_detail = f"checkpoints: {arch.layers} layers x {b} x {s} x {arch.hidden} x {p} B"
+        saved_detail = say("memory.detail.checkpoints", layers=arch.layers, b=b, s=s, hidden=arch.hidden, p=p)
         layer = per_layer + (EAGER_SAVED_SCORES + EAGER_BACKWARD_SCORES) * scores + decoded
-        layer_name = "recomputed layer"
+        layer_name = say("memory.term.recomputed_layer")
     else:
         saved = arch.layers * (per_layer + EAGER_SAVED_SCORES * scores) + final
-        saved_detail = f"all {arch.layers} layers kept (no checkpointing)"
+        saved_detail = say("memory.detail.all_layers", layers=arch.layers)
         layer = EAGER_BACKWARD_SCORES * scores + decoded
-        layer_name = "backward of one layer"
+        layer_name = say("memory.term.layer_backward")
     if not quadratic:  # flex: gradients of q, k, v and the output, one more copy of them
         layer += p * (2 * arch.q_dim + 2 * arch.kv_dim) * tokens
     n_scores = EAGER_BACKWARD_SCORES + (EAGER_SAVED_SCORES if cfg.gradient_checkpointing else 0)
-    layer_detail = (f"eager scores: {n_scores:g} x {b} x {arch.heads} x {s}^2 x {p} B" if quadratic
-                    else f"{attention}: linear in seq")
+    layer_detail = (say("memory.detail.eager_scores", n=n_scores, b=b, heads=arch.heads, s=s, p=p) if quadratic
+                    else say("memory.detail.linear", attention=attention))
     if decoded:
-        layer_detail += f"; one expert weight decoded from MXFP4 {decoded / GIB:.2f} GiB"
+        layer_detail = say("memory.detail.decoded", detail=layer_detail, gib=decoded / GIB)
     if plain_hf:
         logits = tokens * arch.vocab * (p + 4 * LOGITS_FP32_TENSORS)
-        logits_detail = f"{b} x {s} x {arch.vocab:,} x ({p}+{4 * LOGITS_FP32_TENSORS}) B (transformers' loss)"
+        logits_detail = say("memory.detail.hf_logits", b=b, s=s, vocab=arch.vocab, p=p, fp32=4 * LOGITS_FP32_TENSORS)
     else:
         rows = min(tokens, loss_slice_rows(arch.vocab))
         logits = rows * arch.vocab * (4 + 2 * p) + tokens * arch.hidden * p
-        logits_detail = (f"never whole: {rows} rows x {arch.vocab:,} x (4 + 2 x {p}) B at a time + the hidden "
-                         f"states' gradient")
+        logits_detail = say("memory.detail.sliced_logits", rows=rows, vocab=arch.vocab, p=p)
     loss_peak = logits >= layer
-    terms.append(Term("saved activations", saved / GIB, saved_detail))
-    terms.append(Term("logits + loss", logits / GIB, logits_detail, counted=loss_peak))
+    loss_name = say("memory.term.logits")
+    terms.append(Term(say("memory.term.saved"), saved / GIB, saved_detail))
+    terms.append(Term(loss_name, logits / GIB, logits_detail, counted=loss_peak))
     terms.append(Term(layer_name, layer / GIB, layer_detail, counted=not loss_peak))
 
     # 6. overhead: DeepSpeed buckets, then context and fragmentation (not in torch's allocated peak).
     if stage:
         k = {2: (ZERO2_BUCKETS, ZERO2_BUCKETS_OVERLAP), 3: (ZERO3_BUCKETS, ZERO3_BUCKETS_OVERLAP)}[stage]
         k = k[ds.overlap_comm]
-        terms.append(Term("DeepSpeed buckets", k * ds.bucket_size * p / GIB,
+        terms.append(Term(say("memory.term.buckets"), k * ds.bucket_size * p / GIB,
                           f"{k:g} x {ds.bucket_size:,} x {p} B"))
     allocated = sum(t.gib for t in terms if t.counted)
     if on_gpu:
-        terms.append(Term("CUDA context", CUDA_CONTEXT_GIB, "driver, kernels, cuBLAS workspace"))
-    terms.append(Term(f"fragmentation ({FRAGMENTATION:.0%})", FRAGMENTATION * allocated, "allocator slack"))
+        terms.append(Term(say("memory.term.cuda"), CUDA_CONTEXT_GIB, say("memory.detail.cuda")))
+    terms.append(Term(say("memory.term.fragmentation", share=FRAGMENTATION), FRAGMENTATION * allocated,
+                      say("memory.detail.fragmentation")))
     total = sum(t.gib for t in terms if t.counted)
 
     fits = gpu_gib is None or total <= gpu_gib
     margin = 0.0 if gpu_gib is None else gpu_gib - total
-    zero = {0: "no DeepSpeed", 2: "ZeRO-2", 3: "ZeRO-3"}[stage]
-    zero += " + offload params" if offload_params else ""
-    zero += " + offload optimizer" if offload_optimizer else ""
-    modes = [f"{n} GPU{'s' if n > 1 else ''}", zero,
-             cfg.precision, attention, f"checkpointing {'on' if cfg.gradient_checkpointing else 'off'}",
-             f"micro batch {b} x {s} tokens"]
-    est = Estimate(model=cfg.model, setup=", ".join(modes), terms=terms, peak_allocated_gib=allocated,
+    zero = [say("memory.setup.zero", stage=stage) if stage else say("memory.setup.no_deepspeed")]
+    zero += [say("memory.setup.offload_params")] if offload_params else []
+    zero += [say("memory.setup.offload_optimizer")] if offload_optimizer else []
+    gpus = say("memory.setup.gpus", n=n) if n > 1 else say("memory.setup.gpu", n=n)
+    checkpointing = (say("memory.setup.checkpointing_on") if cfg.gradient_checkpointing
+                     else say("memory.setup.checkpointing_off"))
+    setup = say("memory.setup", gpus=gpus, zero=joined(zero, "memory.plus"), precision=cfg.precision,
+                attention=attention, checkpointing=checkpointing, b=b, s=s)
+    est = Estimate(model=cfg.model, setup=setup, terms=terms, peak_allocated_gib=allocated,
                    total_gib=total, gpu_gib=gpu_gib, world_size=n, fits=fits, margin_gib=margin,
                    trainable_params=P, total_params=arch.total_params, attention=attention,
-                   peak_at="loss" if loss_peak else layer_name, base_weights=base_weights, notes=notes)
+                   peak_at=loss_name if loss_peak else layer_name, base_weights=base_weights, notes=notes)
     if not fits and search_fix:
         est.fix = find_fix(cfg, arch, gpu_gib, n, on_gpu)
     if search_fix and gpu_gib is not None:
@@ -368,7 +405,7 @@ MIN_MAX_LENGTH = 256  # shorter than this, a chat example rarely survives trunca
 
 @dataclass(frozen=True)
 class _Change:
-    words: str
+    words: Message
     values: dict[str, Any]  # dotted TrainConfig keys
 
 
@@ -377,37 +414,33 @@ def _steps(cfg: TrainConfig, arch: Architecture, n: int, on_gpu: bool) -> list[l
     mild to strong."""
     ds, steps = cfg.deepspeed, []
     if arch.mxfp4_experts and cfg.base_weights == "bf16":  # no cost: the released weights, as fast or faster
-        steps.append([_Change("keep the experts in MXFP4 (base_weights bf16 -> mxfp4)", {"base_weights": "mxfp4"})])
+        steps.append([_Change(say("memory.change.mxfp4"), {"base_weights": "mxfp4"})])
     if not cfg.gradient_checkpointing:
-        steps.append([_Change("turn on gradient checkpointing", {"gradient_checkpointing": True})])
+        steps.append([_Change(say("memory.change.checkpointing"), {"gradient_checkpointing": True})])
     if on_gpu and arch.model_type == "gpt_oss" and cfg.attention == "eager":
-        steps.append([_Change("attention eager -> flex_attention", {"attention": "flex_attention"})])
+        steps.append([_Change(say("memory.change.flex"), {"attention": "flex_attention"})])
     mb, gas, alts = cfg.optim.micro_batch_size, cfg.optim.gradient_accumulation_steps, []
     new = mb
     while new > 1:
         new //= 2
         new_gas = max(1, round(gas * mb / new))
-        alts.append(_Change(f"micro batch {mb} -> {new} (gradient accumulation {gas} -> {new_gas} keeps the "
-                            "effective batch)",
+        alts.append(_Change(say("memory.change.micro_batch", mb=mb, new=new, gas=gas, new_gas=new_gas),
                             {"optim.micro_batch_size": new, "optim.gradient_accumulation_steps": new_gas}))
     steps.append(alts)
     length, s, alts = cfg.data.max_length, cfg.data.max_length // 2, []
     while s >= MIN_MAX_LENGTH:
-        alts.append(_Change(f"max_length {length} -> {s} (longer examples are truncated)",
-                            {"data.max_length": s}))
+        alts.append(_Change(say("memory.change.max_length", length=length, new=s), {"data.max_length": s}))
         s //= 2
     steps.append(alts)
     if not (ds.enabled and ds.offload_optimizer):
-        steps.append([_Change("offload optimizer states to CPU",
+        steps.append([_Change(say("memory.change.offload_optimizer"),
                               {"deepspeed.enabled": True, "deepspeed.offload_optimizer": True})])
-    if not (ds.enabled and ds.stage == 3):
-        steps.append([_Change("ZeRO-3 (shard the weights over the GPUs)", {"deepspeed.enabled": True,
-                                                                            "deepspeed.stage": 3})])
     zero3 = {"deepspeed.enabled": True, "deepspeed.stage": 3}
+    if not (ds.enabled and ds.stage == 3):
+        steps.append([_Change(say("memory.change.zero3"), zero3)])
     if not (ds.enabled and ds.offload_params):
-        steps.append([_Change("ZeRO-3 with parameter offload (weights in CPU memory; slower steps)",
-                              {**zero3, "deepspeed.offload_params": True})])
-    steps.append([_Change(f"ZeRO-3 on {m} GPUs of this size", {"num_gpus": m, **zero3})
+        steps.append([_Change(say("memory.change.offload_params"), {**zero3, "deepspeed.offload_params": True})])
+    steps.append([_Change(say("memory.change.more_gpus", n=m), {"num_gpus": m, **zero3})
                   for m in (2 * n, 4 * n, 8 * n)])
     return [step for step in steps if step]
 
@@ -462,8 +495,8 @@ def find_fix(cfg: TrainConfig, arch: Architecture, gpu_gib: float, n: int, on_gp
             changes = [c for c in [*chosen, last] if c is not None]
             current = cfg.model_dump()
             values = {k: v for ch in changes for k, v in ch.values.items() if _get(current, k) != v}
-            return Fix(" + ".join(ch.words for ch in changes), [_override(k, v) for k, v in values.items()],
-                       est.total_gib, est.margin_gib)
+            return Fix(joined((ch.words for ch in changes), "memory.plus"),
+                       [_override(k, v) for k, v in values.items()], est.total_gib, est.margin_gib)
         passed.append(step)
     return None
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from gptoss_webui.config import TrainConfig
 from gptoss_webui.hardware import visible_ids
+from gptoss_webui.messages import Message, joined, say
 from gptoss_webui.paths import engine_state_file
 from gptoss_webui.processes import alive
 from gptoss_webui.runs import Run, RunsDir
@@ -54,7 +55,7 @@ def _engine_gpus() -> list[int]:
     return list(info.get("gpus") or []) if live else []
 
 
-def holders(runs_dir: str | Path, gpus: list[int], me: Run | None = None) -> list[str]:
+def holders(runs_dir: str | Path, gpus: list[int], me: Run | None = None) -> list[Message]:
     """Who holds any of `gpus` now: 'run NAME (GPUs 0,1)' for running runs, 'the serving engine (GPU 0)'."""
     from gptoss_webui.train.launcher import run_state
 
@@ -65,10 +66,10 @@ def holders(runs_dir: str | Path, gpus: list[int], me: Run | None = None) -> lis
         held = run.read_status().get("gpus")
         held = set(wanted if held is None else held)  # a run from before the ledger: assume it holds them all
         if held & wanted:
-            found.append(f"run {run.name} (GPUs {_ids(held & wanted)})")
+            found.append(say("queue.run_holds", name=run.name, gpus=_ids(held & wanted)))
     engine = set(_engine_gpus()) & wanted
     if engine:
-        found.append(f"the serving engine (GPUs {_ids(engine)})")
+        found.append(say("queue.engine_holds", gpus=_ids(engine)))
     return found
 
 
@@ -98,13 +99,16 @@ def claim(run: Run) -> bool:
         return True
 
 
-def place(run: Run) -> str:
+def waiting_for(runs_dir: str | Path, gpus: list[int], me: Run | None = None) -> list[Message]:
+    """What a run on `gpus` waits for: the jobs that hold them, then the runs queued before it."""
+    return holders(runs_dir, gpus, me=me) + [say("queue.ahead", name=r.name) for r in ahead_of(runs_dir, gpus, me=me)]
+
+
+def place(run: Run) -> Message:
     """A queued run's place, in words: what it waits for."""
-    status = run.read_status()
-    gpus = status.get("gpus") or []
-    waiting_for = holders(run.path.parent, gpus, me=run) + [f"run {r.name} (queued before it)"
-                                                           for r in ahead_of(run.path.parent, gpus, me=run)]
-    return f"queued for GPUs {_ids(gpus)}, behind {', '.join(waiting_for) or 'nothing (starting)'}"
+    gpus = run.read_status().get("gpus") or []
+    behind = joined(waiting_for(run.path.parent, gpus, me=run)) or say("queue.nothing")
+    return say("queue.place", gpus=_ids(gpus), behind=behind)
 
 
 def _ids(gpus) -> str:

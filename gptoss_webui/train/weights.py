@@ -52,7 +52,7 @@ def load_base_model(model_path: str, model_config, cfg: TrainConfig, attention: 
         if mode == "bf16":
             decode_expert_tensors(tensors, dtype)
         model = assemble_for_training(model_config, tensors, dtype, attention, source=str(folder))
-    return model, mode, note
+    return model, mode, str(note) if note else ""  # the log and the start event are English
 
 
 def load_decoded_under_zero3(folder: Path, model_config, dtype, attention: str):

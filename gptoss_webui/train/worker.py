@@ -336,7 +336,7 @@ class LoraFinetune:
             "world_size": self.world_size, "model": cfg.model, "trainable_params": trainable,
             "total_params": total, "attention": self.attention, "data_format": self.data.format,
             "train_items": len(self.data.train), "validation_items": len(self.data.validation),
-            "data": dataclasses.asdict(self.data.stats), "data_summary": self.data.stats.describe(),
+            "data": dataclasses.asdict(self.data.stats), "data_summary": str(self.data.stats.summary()),
             "base_weights": self.base_weights, "setup_s": self.setup_s,
             "base_weights_note": self.base_weights_note,
             "config": {"lora_r": cfg.lora.r, "lr": cfg.optim.learning_rate, "precision": cfg.precision,

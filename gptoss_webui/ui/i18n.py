@@ -1,6 +1,7 @@
 """English / 简体中文 for every label, help text and message of the UI.
 
-Strings live in locales/<lang>.yaml as flat `key: text` maps. Components are built with the default
+Strings live in locales/<lang>.yaml as flat `key: text` maps (the pipeline's messages, which the UI shows through
+`gptoss_webui.messages.text`, in gptoss_webui/locales). Components are built with the default
 language and registered with `Localizer.bind`; switching the language sends one `gr.update` per
 registered component, so the switch is per browser session and needs no page reload.
 A key `K` is a label; `K.info` (if present) is the help text shown under it.
@@ -8,29 +9,24 @@ A key `K` is a label; `K.info` (if present) is the help text shown under it.
 
 from __future__ import annotations
 
-from functools import cache
 from pathlib import Path
 from typing import Any, TypeVar
 
-import yaml
+from gptoss_webui.messages import LANGS, Catalog
 
-LANGS = ("en", "zh")
 LANG_CHOICES = [("English", "en"), ("简体中文", "zh")]
-_LOCALES = Path(__file__).parent / "locales"
+UI = Catalog(Path(__file__).parent / "locales")
 
 C = TypeVar("C")
 
 
-@cache
 def table(lang: str) -> dict[str, str]:
-    data = yaml.safe_load((_LOCALES / f"{lang}.yaml").read_text(encoding="utf-8")) or {}
-    return {str(k): str(v) for k, v in data.items()}
+    return UI.table(lang)
 
 
 def t(key: str, lang: str = "en", **fmt: Any) -> str:
     """The text for `key` in `lang` (English, then the key itself, as fallbacks), formatted with `fmt`."""
-    text = table(lang if lang in LANGS else "en").get(key) or table("en").get(key) or key
-    return text.format(**fmt) if fmt else text
+    return UI.text(key, lang, **fmt)
 
 
 def has(key: str) -> bool:

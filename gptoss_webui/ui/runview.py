@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from gptoss_webui.events import EventReader
+from gptoss_webui.messages import Message
 from gptoss_webui.runs import Run, RunsDir
 
 LOG_TAIL_BYTES = 6000
@@ -59,8 +60,8 @@ class RunView:
     error: str | None = None
     losses: list[tuple[int, float]] = field(default_factory=list)
     eval_losses: list[tuple[int, float]] = field(default_factory=list)
-    data: dict[str, Any] | None = None  # the start event's train.data.DataStats
-    queue_place: str = ""  # a queued run: what it waits for (train/queue.place)
+    data: Message | None = None  # what preparing the data did: the start event's train.data.DataStats, in words
+    queue_place: Message | None = None  # a queued run: what it waits for (train/queue.place)
     n_events: int = 0
 
     @property
@@ -88,7 +89,7 @@ def view(run: Run) -> RunView:
         if kind == "start":
             v.total = int(e.get("total_steps") or v.total)
             v.step = int(e.get("resumed_from_step") or v.step)
-            v.data = e.get("data")
+            v.data = _data_summary(e.get("data"))
             v.error = None
         elif kind == "step":
             v.step, v.total = int(e.get("step", v.step)), int(e.get("total") or v.total)
@@ -111,6 +112,14 @@ def view(run: Run) -> RunView:
             v.final = e
             break
     return v
+
+
+def _data_summary(stats: dict[str, Any] | None) -> Message | None:
+    if not stats:
+        return None
+    from gptoss_webui.train.data import DataStats
+
+    return DataStats(**stats).summary()
 
 
 def run_names(runs_dir: str | Path) -> list[str]:

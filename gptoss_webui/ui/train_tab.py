@@ -2,10 +2,14 @@
 
 Every action calls the same function the CLI calls (train.launcher, train.memory, train.data.preview);
 progress is read from the run folder on a gr.Timer, so closing the page never stops or loses a run.
+The widgets are placed in train_layout.py; here are what they show (the views), the handlers, and `wire`, which
+binds one to the other. What the pipeline says (estimate, queue place, data, launch errors) arrives as
+gptoss_webui.messages and is shown in the page's language.
 """
 
 from __future__ import annotations
 
+import functools
 import html
 import shutil
 import threading
@@ -17,23 +21,15 @@ import gradio as gr
 
 from gptoss_webui.config import ConfigError, Recipe
 from gptoss_webui.logs import tail
+from gptoss_webui.messages import text
 from gptoss_webui.paths import workspace_dir
-from gptoss_webui.presets import DEFAULT_PRESET, default_recipe, load_preset, preset_names
+from gptoss_webui.presets import load_preset
 from gptoss_webui.runs import RunsDir
 from gptoss_webui.ui import runview
 from gptoss_webui.ui.access import outside_paths, redact
-from gptoss_webui.ui.form import (
-    FIELDS,
-    apply_to_form,
-    form_values,
-    recipe_from_form,
-    workspace_choices,
-)
+from gptoss_webui.ui.form import FIELDS, apply_to_form, form_values, recipe_from_form, workspace_choices
 from gptoss_webui.ui.i18n import Localizer, note, t, warn
-from gptoss_webui.ui.widgets import widget
-
-DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
-POLL_S = 2.0
+from gptoss_webui.ui.train_layout import TrainWidgets, layout
 
 
 @dataclass
@@ -71,12 +67,16 @@ def estimate_view(recipe: Recipe, force: bool, lang: str) -> tuple[str, str, boo
     else:
         head = t("train.no_fit", lang, total=f"{est.total_gib:.1f}", gpu=f"{est.gpu_gib:.1f}",
                  margin=f"{-est.margin_gib:.1f}")
-    fix = getattr(est, "fix", None)
+    fix = est.fix
     overrides = list(fix.overrides) if fix and not est.fits else []
     if overrides:
-        head += "\n\n" + t("train.fix", lang, change=fix.change, overrides=" ".join(overrides),
+        head += "\n\n" + t("train.fix", lang, change=fix.change.render(lang), overrides=" ".join(overrides),
                             margin=f"{fix.margin_gib:.1f}")
-    report = est.report()
+    elif est.remedy:  # nothing tried fits
+        head += "\n\n" + est.remedy.render(lang)
+    if est.longest and not est.fits:
+        head += "  \n" + est.longest.render(lang)
+    report = est.report(lang)
     if est.fits:
         return head, report, True, "", overrides
     if force:
@@ -115,10 +115,7 @@ def metrics_md(v: runview.RunView, lang: str) -> str:
         step, loss = v.eval_losses[-1]
         text += " · " + t("train.eval_loss", lang, loss=f"{loss:.4f}", step=step)
     if v.data:
-        d = v.data
-        text += "  \n" + t("train.data_stats", lang, examples=f"{d['examples']:,}", rows=f"{d['rows']:,}",
-                            truncated=f"{d['truncated']:,}", dropped=f"{d['dropped']:,}", blocks=f"{d['blocks']:,}",
-                            padding=f"{d['padding']:.1%}", unpacked=f"{d['padding_unpacked']:.1%}")
+        text += "  \n" + t("train.data_stats", lang, summary=v.data.render(lang))
     return text
 
 
@@ -129,268 +126,215 @@ def state_md(v: runview.RunView, lang: str) -> str:
     if v.error and v.state == "failed":
         text += "\n\n" + t("train.failed_with", lang, error=redact(v.error))
     if v.queue_place:
-        text += " · " + t("train.queued", lang, place=v.queue_place)
+        text += " · " + t("train.queued", lang, place=v.queue_place.render(lang))
     return text
 
 
-# --- the tab -------------------------------------------------------------------------------------
+# --- handlers: each takes the runs folder first (bound in `wire`), then the widgets' values -----------------
 
-def build(L: Localizer, lang: gr.Radio, runs_dir: str) -> TrainTab:  # noqa: C901 - one layout function
-    recipe0 = default_recipe()
-    values0 = dict(zip((f.key for f in FIELDS), form_values(recipe0), strict=True))
-    widgets: dict[str, gr.components.Component] = {}
+def refresh(runs_dir: str, lang_v: str, force_v: bool, base_v: dict, extra_v: str, *values: Any):
+    """The memory gate: (estimate, breakdown, Start, reason, fix overrides, Apply-fix button)."""
+    try:
+        recipe = _recipe(runs_dir, lang_v, base_v, extra_v, list(values))
+    except (ConfigError, ValueError) as exc:
+        return (t("train.invalid", lang_v) + f"\n\n```text\n{text(exc, lang_v)}\n```", "",
+                gr.update(interactive=False), t("train.fix_form", lang_v), [], gr.update(visible=False))
+    head, report, ok, why, fix = estimate_view(recipe, force_v, lang_v)
+    return head, report, gr.update(interactive=ok), why, fix, gr.update(visible=bool(fix))
 
-    def place(*keys: str) -> None:
-        for f in FIELDS:
-            if f.key in keys:
-                widgets[f.key] = widget(L, f, value=values0[f.key])
 
-    with gr.Row():
-        preset = L.labelled(gr.Dropdown, "train.preset", choices=preset_names(),
-                            value=DEFAULT_PRESET if DEFAULT_PRESET in preset_names() else None, scale=1)
-        preset_desc = gr.Markdown(recipe0.description, elem_classes="gw-muted")
-    base = gr.State(recipe0.model_dump(mode="json"))
+def _to_form(recipe: Recipe) -> list[Any]:
+    """(base, description, every field): what loading a preset or a past run puts in the form."""
+    return [recipe.model_dump(mode="json"), recipe.description, *form_values(recipe)]
 
-    with L.accordion("train.group.data", open=True):
-        with gr.Row():
-            place("train.model")
-            place("train.data_path")
-            upload = L.bind(gr.UploadButton(L("train.upload"), file_types=list(DATA_SUFFIXES), size="sm",
-                                            scale=1), label="train.upload")
-        with gr.Row():
-            place("train.data_format", "train.max_length", "train.packing")
-        preview_btn = L.button("train.preview_btn", size="sm")
-        preview = L.labelled(gr.HighlightedText, "train.preview", show_legend=True, combine_adjacent=True,
-                             visible=False, elem_id="gw-preview")
-        preview_msg = gr.Markdown()
-    with L.accordion("train.group.lora", open=True):
-        with gr.Row():
-            place("train.lora_r", "train.lora_alpha", "train.lora_dropout")
-        with gr.Row():
-            place("train.lora_targets", "train.lora_experts", "train.lora_layers")
-    with L.accordion("train.group.memory", open=True):
-        with gr.Row():
-            place("train.checkpointing", "train.ds_stage", "train.offload_optimizer", "train.offload_params")
-        with gr.Row():
-            place("train.precision", "train.base_weights", "train.attention", "train.compile")
-    with L.accordion("train.group.schedule", open=True):
-        with gr.Row():
-            place("train.micro_batch", "train.grad_accum", "train.lr")
-        with gr.Row():
-            place("train.epochs", "train.max_steps", "train.save_steps")
-    with L.accordion("train.group.gpus", open=True):
-        with gr.Row():
-            place("train.num_gpus", "train.gpu_memory", "train.run_name")
-        extra = L.labelled(gr.Textbox, "train.extra", lines=2, placeholder="optim.warmup_ratio=0.1")
 
-    fields = [widgets[f.key] for f in FIELDS]
+NO_FORM = [gr.skip()] * (2 + len(FIELDS))
 
-    L.markdown("train.estimate_title_md")
-    estimate = gr.Markdown(elem_id="gw-estimate")
-    fix_state = gr.State([])
-    apply_fix = L.button("train.apply_fix", size="sm", visible=False, elem_id="gw-apply-fix")
-    with L.accordion("train.breakdown", open=False):
-        breakdown = gr.Code(language=None, interactive=False, show_label=False, elem_id="gw-breakdown")
-    with gr.Row():
-        force = L.labelled(gr.Checkbox, "train.force", scale=1)
-        start = L.button("train.start", variant="primary", elem_id="gw-start", scale=2)
-        show_cmd = L.button("train.show_cmd", scale=1)
-    reason = gr.Markdown(elem_id="gw-start-reason")
-    with gr.Group(visible=False) as cmd_group:
-        cmd_yaml = L.labelled(gr.Code, "train.cmd_yaml", language="yaml", interactive=False)
-        cmd_line = L.labelled(gr.Code, "train.cmd_line", language="shell", interactive=False, lines=2,
-                              elem_id="gw-cmd-line")
 
-    L.markdown("train.runs_title_md")
-    with gr.Row():
-        run_pick = L.labelled(gr.Dropdown, "train.run_pick", choices=runview.run_names(runs_dir), value=None,
-                              scale=4, elem_id="gw-run-pick")
-        refresh_runs = L.button("train.refresh", size="sm", scale=1)
-    run_state = gr.Markdown(elem_id="gw-run-state")
-    progress = gr.HTML(elem_id="gw-progress")
-    metrics = gr.Markdown(elem_id="gw-metrics")
-    plot = L.labelled(gr.LinePlot, "train.loss_plot", x="step", y="loss", height=260,
-                      elem_id="gw-loss-plot")
-    with gr.Row():
-        stop = L.button("train.stop", variant="stop", interactive=False, elem_id="gw-stop")
-        resume = L.button("train.resume", interactive=False, elem_id="gw-resume")
-        reuse = L.button("train.reuse")
-    log = L.labelled(gr.Textbox, "train.log", lines=10, max_lines=10, interactive=False, autoscroll=True,
-                     elem_id="gw-log")
-    seen = gr.State(None)
-    timer = gr.Timer(POLL_S)
+def on_preset(lang_v: str, name: str):
+    try:
+        return _to_form(load_preset(name))
+    except ConfigError as exc:
+        warn(lang_v, text(exc, lang_v))
+        return NO_FORM
 
-    form_in = [base, extra, *fields]
 
-    # --- handlers --------------------------------------------------------------------------------
-    def refresh(lang_v: str, force_v: bool, base_v: dict, extra_v: str, *values: Any):
-        try:
-            recipe = _recipe(runs_dir, lang_v, base_v, extra_v, list(values))
-        except (ConfigError, ValueError) as exc:
-            return (t("train.invalid", lang_v) + f"\n\n```text\n{exc}\n```", "",
-                    gr.update(interactive=False), t("train.fix_form", lang_v), [], gr.update(visible=False))
-        head, report, ok, why, fix = estimate_view(recipe, force_v, lang_v)
-        return head, report, gr.update(interactive=ok), why, fix, gr.update(visible=bool(fix))
+def on_apply_fix(extra_v: str, fix: list[str], *values: Any):
+    new_values, new_extra = apply_to_form(list(values), extra_v, fix)
+    return [new_extra, *new_values]
 
-    gate_out = [estimate, breakdown, start, reason, fix_state, apply_fix]
-    gate_in = [lang, force, *form_in]
 
-    def on_preset(lang_v: str, name: str):
-        try:
-            recipe = load_preset(name)
-        except ConfigError as exc:
-            warn(lang_v, str(exc))
-            return [gr.skip()] * (2 + len(fields))
-        return [recipe.model_dump(mode="json"), recipe.description, *form_values(recipe)]
+def on_show_cmd(runs_dir: str, lang_v: str, base_v: dict, extra_v: str, *values: Any):
+    try:
+        recipe = _recipe(runs_dir, lang_v, base_v, extra_v, list(values))
+    except (ConfigError, ValueError) as exc:
+        warn(lang_v, text(exc, lang_v))
+        return gr.skip(), gr.skip(), gr.skip()
+    y, c = command_view(recipe, runs_dir)
+    return y, c, gr.update(visible=True)
 
-    preset.input(on_preset, [lang, preset], [base, preset_desc, *fields]).then(
-        refresh, gate_in, gate_out, show_progress="hidden")
-    for comp in [*fields, extra, force]:
-        comp.input(refresh, gate_in, gate_out, trigger_mode="always_last", show_progress="hidden")
-    lang.change(refresh, gate_in, gate_out, show_progress="hidden")
 
-    def on_apply_fix(extra_v: str, fix: list[str], *values: Any):
-        new_values, new_extra = apply_to_form(list(values), extra_v, fix)
-        return [new_extra, *new_values]
+def on_preview(runs_dir: str, lang_v: str, base_v: dict, extra_v: str, *values: Any):
+    try:
+        recipe = _recipe(runs_dir, lang_v, base_v, extra_v, list(values))
+        from gptoss_webui.train.data import preview as data_preview
 
-    apply_fix.click(on_apply_fix, [extra, fix_state, *fields], [extra, *fields]).then(
-        refresh, gate_in, gate_out, show_progress="hidden")
+        examples = data_preview(recipe.train, n=1)
+    except Exception as exc:  # malformed data, missing tokenizer...: a message, not a traceback
+        return gr.update(visible=False), t("msg.preview_failed", lang_v, error=text(exc, lang_v))
+    tag = t("train.preview_trained", lang_v)
+    value = [(segment, tag if trained else None) for segment, trained in (examples[0] if examples else [])]
+    return gr.update(value=value, color_map={tag: "green"}, visible=True), t("train.preview_note", lang_v)
 
-    def on_show_cmd(lang_v: str, base_v: dict, extra_v: str, *values: Any):
-        try:
-            recipe = _recipe(runs_dir, lang_v, base_v, extra_v, list(values))
-        except (ConfigError, ValueError) as exc:
-            warn(lang_v, str(exc))
-            return gr.skip(), gr.skip(), gr.skip()
-        y, c = command_view(recipe, runs_dir)
-        return y, c, gr.update(visible=True)
 
-    show_cmd.click(on_show_cmd, [lang, *form_in], [cmd_yaml, cmd_line, cmd_group])
+def on_upload(lang_v: str, tmp: str | None):
+    if not tmp:
+        return gr.skip()
+    dest_dir = workspace_dir() / "data" / "uploads"
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    dest = dest_dir / Path(tmp).name
+    shutil.copyfile(tmp, dest)
+    note(lang_v, t("msg.uploaded", lang_v, path=dest))
+    return gr.update(choices=workspace_choices("data"), value=str(dest))
 
-    def on_preview(lang_v: str, base_v: dict, extra_v: str, *values: Any):
-        try:
-            recipe = _recipe(runs_dir, lang_v, base_v, extra_v, list(values))
-            from gptoss_webui.train.data import preview as data_preview
 
-            examples = data_preview(recipe.train, n=1)
-        except Exception as exc:  # malformed data, missing tokenizer...: a message, not a traceback
-            return gr.update(visible=False), t("msg.preview_failed", lang_v, error=str(exc))
-        tag = t("train.preview_trained", lang_v)
-        value = [(text, tag if trained else None) for text, trained in (examples[0] if examples else [])]
-        return (gr.update(value=value, color_map={tag: "green"}, visible=True),
-                t("train.preview_note", lang_v))
+def on_start(runs_dir: str, lang_v: str, force_v: bool, base_v: dict, extra_v: str, *values: Any):
+    try:
+        recipe = _recipe(runs_dir, lang_v, base_v, extra_v, list(values))
+        from gptoss_webui.train.launcher import launch
 
-    preview_btn.click(on_preview, [lang, *form_in], [preview, preview_msg])
+        run = launch(recipe, force=force_v)
+    except ImportError:
+        warn(lang_v, t("msg.training_missing", lang_v))
+        return gr.skip(), gr.skip()
+    except Exception as exc:  # ConfigError, LaunchError, FileExistsError: all worded for people
+        warn(lang_v, text(exc, lang_v))
+        return gr.skip(), t("msg.launch_failed", lang_v, error=text(exc, lang_v))
+    queued = runview.run_state(run) == "queued"
+    note(lang_v, t("msg.queued" if queued else "msg.launched", lang_v, name=run.name))
+    return gr.update(choices=runview.run_names(runs_dir), value=run.name), ""
 
-    def on_upload(lang_v: str, tmp: str | None):
-        if not tmp:
-            return gr.skip()
-        dest_dir = workspace_dir() / "data" / "uploads"
-        dest_dir.mkdir(parents=True, exist_ok=True)
-        dest = dest_dir / Path(tmp).name
-        shutil.copyfile(tmp, dest)
-        note(lang_v, t("msg.uploaded", lang_v, path=dest))
-        return gr.update(choices=workspace_choices("data"), value=str(dest))
 
-    upload.upload(on_upload, [lang, upload], [widgets["train.data_path"]]).then(
-        refresh, gate_in, gate_out, show_progress="hidden")
+POLL_OUTPUTS = 9  # run_pick, run_state, progress, metrics, plot, log, stop, resume, seen
 
-    def on_start(lang_v: str, force_v: bool, base_v: dict, extra_v: str, *values: Any):
-        try:
-            recipe = _recipe(runs_dir, lang_v, base_v, extra_v, list(values))
-            from gptoss_webui.train.launcher import launch
 
-            run = launch(recipe, force=force_v)
-        except ImportError:
-            warn(lang_v, t("msg.training_missing", lang_v))
-            return gr.skip(), gr.skip()
-        except Exception as exc:  # ConfigError, LaunchError, FileExistsError: all worded for people
-            warn(lang_v, str(exc))
-            return gr.skip(), t("msg.launch_failed", lang_v, error=str(exc))
-        queued = runview.run_state(run) == "queued"
-        note(lang_v, t("msg.queued" if queued else "msg.launched", lang_v, name=run.name))
-        return gr.update(choices=runview.run_names(runs_dir), value=run.name), ""
-
-    poll_out = [run_pick, run_state, progress, metrics, plot, log, stop, resume, seen]
-
-    def poll(lang_v: str, name: str | None, seen_v: Any, forced: bool = False):
-        names = runview.run_names(runs_dir)
-        if not name:
-            sig = ("", tuple(names), lang_v)
-            if sig == seen_v and not forced:
-                return [gr.skip()] * len(poll_out)
-            off = gr.update(interactive=False)
-            empty = runview.loss_frame(runview.RunView("", "created"))
-            return [gr.update(choices=names), t("train.no_run", lang_v), "", "", empty, "", off, off, sig]
-        try:
-            run = RunsDir(runs_dir).get(name)
-        except FileNotFoundError:
-            return [gr.update(choices=names, value=None), t("train.no_run", lang_v), *[gr.skip()] * 6, None]
-        v = runview.view(run)
-        log_text = redact(tail(run.log_path, runview.LOG_TAIL_BYTES))
-        sig = (name, tuple(names), lang_v, v.state, v.n_events, len(log_text), log_text[-200:])
+def poll(runs_dir: str, lang_v: str, name: str | None, seen_v: Any, forced: bool = False):
+    """The picked run as the folder has it now; skipped when nothing changed since `seen_v`."""
+    names = runview.run_names(runs_dir)
+    if not name:
+        sig = ("", tuple(names), lang_v)
         if sig == seen_v and not forced:
-            return [gr.skip()] * len(poll_out)
-        return [gr.update(choices=names), state_md(v, lang_v), progress_html(v, lang_v),
-                metrics_md(v, lang_v), runview.loss_frame(v), log_text, gr.update(interactive=v.can_stop),
-                gr.update(interactive=v.can_resume), sig]
+            return [gr.skip()] * POLL_OUTPUTS
+        off = gr.update(interactive=False)
+        empty = runview.loss_frame(runview.RunView("", "created"))
+        return [gr.update(choices=names), t("train.no_run", lang_v), "", "", empty, "", off, off, sig]
+    try:
+        run = RunsDir(runs_dir).get(name)
+    except FileNotFoundError:
+        return [gr.update(choices=names, value=None), t("train.no_run", lang_v), *[gr.skip()] * 6, None]
+    v = runview.view(run)
+    log_text = redact(tail(run.log_path, runview.LOG_TAIL_BYTES))
+    sig = (name, tuple(names), lang_v, v.state, v.n_events, len(log_text), log_text[-200:])
+    if sig == seen_v and not forced:
+        return [gr.skip()] * POLL_OUTPUTS
+    return [gr.update(choices=names), state_md(v, lang_v), progress_html(v, lang_v), metrics_md(v, lang_v),
+            runview.loss_frame(v), log_text, gr.update(interactive=v.can_stop), gr.update(interactive=v.can_resume),
+            sig]
 
-    def poll_now(lang_v: str, name: str | None, seen_v: Any):
-        return poll(lang_v, name, seen_v, forced=True)
 
-    start.click(on_start, [lang, force, *form_in], [run_pick, reason]).then(
-        poll_now, [lang, run_pick, seen], poll_out)
-    timer.tick(poll, [lang, run_pick, seen], poll_out, show_progress="hidden")
-    run_pick.change(poll_now, [lang, run_pick, seen], poll_out, show_progress="hidden")
-    refresh_runs.click(poll_now, [lang, run_pick, seen], poll_out)
-    lang.change(poll_now, [lang, run_pick, seen], poll_out, show_progress="hidden")
+def poll_now(runs_dir: str, lang_v: str, name: str | None, seen_v: Any):
+    return poll(runs_dir, lang_v, name, seen_v, forced=True)
 
-    def on_stop(lang_v: str, name: str | None):
-        if not name:
-            return
-        try:
-            from gptoss_webui.train.launcher import stop as stop_run
 
-            run = RunsDir(runs_dir).get(name)
-        except Exception as exc:
-            warn(lang_v, t("msg.stop_failed", lang_v, error=exc))
-            return
-        # The ranks save a checkpoint before they exit (about 35 s on gpt-oss-20b, up to the launcher's kill
-        # timeout): wait in the background; the run view shows "stopping", then the stopped event.
-        threading.Thread(target=stop_run, args=(run,), daemon=True, name=f"stop-{name}").start()
-        note(lang_v, t("msg.stopping", lang_v, name=name))
+def on_stop(runs_dir: str, lang_v: str, name: str | None) -> None:
+    if not name:
+        return
+    try:
+        from gptoss_webui.train.launcher import stop as stop_run
 
-    def on_resume(lang_v: str, force_v: bool, name: str | None):
-        if not name:
-            return
-        try:
-            from gptoss_webui.train.launcher import resume as resume_run
+        run = RunsDir(runs_dir).get(name)
+    except Exception as exc:
+        warn(lang_v, t("msg.stop_failed", lang_v, error=text(exc, lang_v)))
+        return
+    # The ranks save a checkpoint before they exit (about 35 s on gpt-oss-20b, up to the launcher's kill
+    # timeout): wait in the background; the run view shows "stopping", then the stopped event.
+    threading.Thread(target=stop_run, args=(run,), daemon=True, name=f"stop-{name}").start()
+    note(lang_v, t("msg.stopping", lang_v, name=name))
 
-            run = resume_run(name, runs_dir=runs_dir, force=force_v)
-            note(lang_v, t("msg.resumed", lang_v, name=run.name))
-        except Exception as exc:
-            warn(lang_v, t("msg.resume_failed", lang_v, error=exc))
 
-    stop.click(on_stop, [lang, run_pick]).then(poll_now, [lang, run_pick, seen], poll_out)
-    resume.click(on_resume, [lang, force, run_pick]).then(poll_now, [lang, run_pick, seen], poll_out)
+def on_resume(runs_dir: str, lang_v: str, force_v: bool, name: str | None) -> None:
+    if not name:
+        return
+    try:
+        from gptoss_webui.train.launcher import resume as resume_run
 
-    def on_reuse(lang_v: str, name: str | None):
-        """Load a past run's config.yaml into the form (to repeat or tweak it)."""
-        if not name:
-            return [gr.skip()] * (2 + len(fields))
-        try:
-            recipe = Recipe.from_yaml(RunsDir(runs_dir).get(name).config_path)
-        except (ConfigError, FileNotFoundError) as exc:
-            warn(lang_v, str(exc))
-            return [gr.skip()] * (2 + len(fields))
-        recipe.train.run_name = None  # a new run: the old folder is never reused
-        return [recipe.model_dump(mode="json"), recipe.description, *form_values(recipe)]
+        run = resume_run(name, runs_dir=runs_dir, force=force_v)
+        note(lang_v, t("msg.resumed", lang_v, name=run.name))
+    except Exception as exc:
+        warn(lang_v, t("msg.resume_failed", lang_v, error=text(exc, lang_v)))
 
-    reuse.click(on_reuse, [lang, run_pick], [base, preset_desc, *fields]).then(
-        refresh, gate_in, gate_out, show_progress="hidden")
 
-    def on_load(lang_v: str, force_v: bool, *rest: Any):
-        return [*refresh(lang_v, force_v, *rest), gr.update(choices=runview.run_names(runs_dir),
-                                              value=runview.pick_default(runs_dir))]
+def on_reuse(runs_dir: str, lang_v: str, name: str | None):
+    """Load a past run's config.yaml into the form (to repeat or tweak it)."""
+    if not name:
+        return NO_FORM
+    try:
+        recipe = Recipe.from_yaml(RunsDir(runs_dir).get(name).config_path)
+    except (ConfigError, FileNotFoundError) as exc:
+        warn(lang_v, text(exc, lang_v))
+        return NO_FORM
+    recipe.train.run_name = None  # a new run: the old folder is never reused
+    return _to_form(recipe)
 
-    return TrainTab(on_load=(on_load, gate_in, [*gate_out, run_pick]))
+
+def on_load(runs_dir: str, lang_v: str, force_v: bool, *rest: Any):
+    return [*refresh(runs_dir, lang_v, force_v, *rest),
+            gr.update(choices=runview.run_names(runs_dir), value=runview.pick_default(runs_dir))]
+
+
+# --- the tab: layout (train_layout), then the wiring ----------------------------------------------
+
+# The Log box holds the end of train.log; show its last line. Gradio 6.31's Textbox autoscroll scrolls only once,
+# not when the server sends a new value, so the box stayed at the top of the tail: mid-run lines.
+LOG_TO_END = ("() => { const box = document.querySelector('#gw-log textarea'); "
+              "if (box) box.scrollTop = box.scrollHeight; }")
+
+def wire(w: TrainWidgets, lang: gr.Radio, runs_dir: str) -> TrainTab:
+    """Bind the widgets' events to the handlers above."""
+    at = functools.partial  # every handler that reads or writes runs gets this app's runs folder first
+    form_in = [w.base, w.extra, *w.fields]
+    form_out = [w.base, w.preset_desc, *w.fields]
+    gate_in, gate_out = [lang, w.force, *form_in], [w.estimate, w.breakdown, w.start, w.reason, w.fix_state,
+                                                    w.apply_fix]
+    gate = at(refresh, runs_dir)
+    poll_in = [lang, w.run_pick, w.seen]
+    poll_out = [w.run_pick, w.run_state, w.progress, w.metrics, w.plot, w.log, w.stop, w.resume, w.seen]
+    now = at(poll_now, runs_dir)
+    hidden = {"show_progress": "hidden"}
+
+    w.preset.input(on_preset, [lang, w.preset], form_out).then(gate, gate_in, gate_out, **hidden)
+    for comp in [*w.fields, w.extra, w.force]:
+        comp.input(gate, gate_in, gate_out, trigger_mode="always_last", **hidden)
+    lang.change(gate, gate_in, gate_out, **hidden)
+    w.apply_fix.click(on_apply_fix, [w.extra, w.fix_state, *w.fields], [w.extra, *w.fields]).then(
+        gate, gate_in, gate_out, **hidden)
+    w.show_cmd.click(at(on_show_cmd, runs_dir), [lang, *form_in], [w.cmd_yaml, w.cmd_line, w.cmd_group])
+    w.preview_btn.click(at(on_preview, runs_dir), [lang, *form_in], [w.preview, w.preview_msg])
+    w.upload.upload(on_upload, [lang, w.upload], [w.data_path]).then(gate, gate_in, gate_out, **hidden)
+
+    w.start.click(at(on_start, runs_dir), [lang, w.force, *form_in], [w.run_pick, w.reason]).then(
+        now, poll_in, poll_out)
+    w.timer.tick(at(poll, runs_dir), poll_in, poll_out, **hidden)
+    w.run_pick.change(now, poll_in, poll_out, **hidden)
+    w.refresh_runs.click(now, poll_in, poll_out)
+    lang.change(now, poll_in, poll_out, **hidden)
+    w.stop.click(at(on_stop, runs_dir), [lang, w.run_pick]).then(now, poll_in, poll_out)
+    w.resume.click(at(on_resume, runs_dir), [lang, w.force, w.run_pick]).then(now, poll_in, poll_out)
+    w.reuse.click(at(on_reuse, runs_dir), [lang, w.run_pick], form_out).then(gate, gate_in, gate_out, **hidden)
+    w.log.change(None, js=LOG_TO_END)
+    assert len(poll_out) == POLL_OUTPUTS
+    return TrainTab(on_load=(at(on_load, runs_dir), gate_in, [*gate_out, w.run_pick]))
+
+
+def build(L: Localizer, lang: gr.Radio, runs_dir: str) -> TrainTab:
+    return wire(layout(L, runs_dir), lang, runs_dir)

@@ -49,6 +49,40 @@ def test_estimate_refusal_disables_start_with_the_reason(tmp_path):
         page.wait_for_function("() => !document.querySelector('#gw-start').disabled")
 
 
+def test_the_estimate_speaks_the_page_language(tmp_path):
+    """A Chinese browser gets the pipeline's verdict, its cheapest fix and the breakdown in Chinese."""
+    with running_app(tmp_path / "runs") as url, browser_page(locale="zh-CN") as page:
+        page.goto(url)
+        wait_text(page, "#gw-tab-train-button", "训练")
+        page.get_by_label("预设").click()
+        page.get_by_role("option", name="gpt-oss-20b-2x24gb").click()
+        wait_text(page, "#gw-estimate", "放得下")
+        page.locator("#gw-train-base_weights label", has_text="bf16").click()
+        text = wait_text(page, "#gw-estimate", "放不下")
+        assert "专家保持 MXFP4 格式（base_weights bf16 -> mxfp4）" in text  # the fix, worded by train/memory.py
+        page.get_by_text("显存明细").click()
+        breakdown = wait_text(page, "#gw-breakdown", "基础权重")
+        assert "代价最小的改法" in breakdown and "cheapest fix" not in breakdown
+        shot(page, "estimate-zh")
+
+
+def test_a_finished_runs_log_box_shows_its_last_lines(tmp_path):
+    """The Log box holds the end of train.log and is scrolled to its last line (it used to stay at the top of the
+    tail, showing lines from the middle of the run)."""
+    run = RunsDir(tmp_path / "runs").create("done-run")
+    run.config_path.write_text("train: {}\n")
+    run.write_status(state="finished")
+    run.log_path.write_text("".join(f"step {i}: loss {3 - i / 500:.3f}\n" for i in range(400)) + "the last line\n")
+    with running_app(tmp_path / "runs") as url, browser_page() as page:
+        page.goto(url)
+        box = "#gw-log textarea"
+        page.wait_for_function("(sel) => (document.querySelector(sel)?.value || '').endsWith('the last line\\n')",
+                               arg=box, timeout=60000)
+        page.wait_for_function("(sel) => { const t = document.querySelector(sel); "
+                               "return t.scrollHeight > 2 * t.clientHeight "
+                               "&& t.scrollTop + t.clientHeight >= t.scrollHeight - 2; }", arg=box, timeout=10000)
+
+
 def _fake_running_run(runs_dir, pid: int):
     """A run folder as the launcher leaves it, owned by a live process (no deepspeed needed)."""
     run = RunsDir(runs_dir).create("live-run")
