@@ -287,6 +287,22 @@ def test_an_adapter_of_another_base_is_refused_and_the_engine_stays_up(engine, o
     assert engine.status().state == "running" and engine.models() == [engine.info.served_name]
 
 
+def test_the_ui_control_does_what_the_policy_says_and_says_why(engine, adapters):
+    """The Serve tab's "Serve this run": serve/policy.py decides (here: into the running engine), the control
+    executes it, and the task shows the reason first."""
+    from gptoss_webui.ui.engine_ctl import EngineControl
+
+    control = EngineControl(engine.state_path)
+    control.serve_adapter(cpu_serve_config("demo:tiny-dense"), "tuned2", str(adapters["tuned"]), "auto")
+    wait_for(lambda: not control.busy, 120, "the serve task")
+    assert control.snapshot().task.error is None
+    assert control.snapshot().task.messages == [
+        "vLLM can serve LoRA adapters for this model at run time; loading it into the running engine",
+        "adapter 'tuned2' loaded; it changes the model's output"]
+    assert engine.status().pid == control.engine.info.pid and "tuned2" in engine.models()
+    engine.unload_adapter("tuned2")
+
+
 def test_restarted_ui_reattaches(engine):
     other = Engine(engine.state_path)  # what a restarted UI does
     info = other.status()
