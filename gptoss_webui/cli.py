@@ -96,7 +96,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from gptoss_webui.serve.command import serve_forever
-    from gptoss_webui.serve.engine import EngineError
+    from gptoss_webui.serve.state import EngineError
 
     try:
         return serve_forever(args)

@@ -162,6 +162,9 @@ class ServeConfig(_Strict):
     max_loras: int = Field(2, ge=1)
     max_lora_rank: int = Field(16, ge=1)
     tensor_parallel_size: int = Field(1, ge=1)
+    max_concurrency: int = Field(64, ge=1, le=1024, description="Requests the engine decodes at once (vLLM's "
+                                 "--max-num-seqs); CUDA graphs are captured for batch sizes up to it; where it is "
+                                 "high, auto merges an adapter with expert LoRA (serve/policy.py)")
     enforce_eager: bool = Field(False, description="Skip graph capture: faster start, slower decode")
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)

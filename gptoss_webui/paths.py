@@ -16,7 +16,7 @@ def cache_dir() -> Path:
 
 
 def engine_state_file() -> Path:
-    """The serving engine's state, one per workspace: the CLI and the UI both read and write it (serve/engine.py),
+    """The serving engine's state, one per workspace: the CLI and the UI both read and write it (serve/state.py),
     and the training queue reads which GPUs the engine holds."""
     return workspace_dir() / "engine.json"
 

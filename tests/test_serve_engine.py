@@ -5,9 +5,10 @@ starts (each costs 30-60 s on 2 cores, more when the CPU is busy). The tests run
    stops the engine; `serve` on a busy port takes another one and says so (strict: refuses);
 2. the tiny dense model with LoRA on, started by the CLI, driven through an Engine attached to it (what
    a restarted UI does): hot-loaded adapters give HF+peft's greedy tokens, a no-op adapter is flagged,
-   unload works;
-3. the engine process is killed: both the CLI and the attached Engine see the crash, no vLLM process
-   is left, and the same Engine restarts -- on the merged gpt-oss, which the remaining tests use;
+   an adapter of another base is refused and the engine stays up, unload works;
+3. the engine process is killed in the middle of a chat: the chat gets a clear error, both the CLI and
+   the attached Engine see the crash, no vLLM process is left, and the same Engine restarts -- on the
+   merged gpt-oss, which the remaining tests use;
 4. a gpt-oss adapter (attention + expert parameters): auto mode merges instead of hot-loading (vLLM's
    CPU LoRA path dies on MoE) and says why; the merge reproduces HF+peft; the merged engine streams
    harmony chat whose greedy tokens equal HF's, with the analysis channel arriving as reasoning.
@@ -46,10 +47,11 @@ from serve_fixtures import (
 )
 
 from gptoss_webui.serve import plan
-from gptoss_webui.serve.chat import CancelToken, ChatClient, ChatError, SamplingParams
-from gptoss_webui.serve.engine import Engine, EngineError
+from gptoss_webui.serve.chat import CUT_OFF, CancelToken, ChatClient, ChatError, SamplingParams
+from gptoss_webui.serve.engine import Engine
 from gptoss_webui.serve.merge import PROVENANCE_FILE, previous_merge
 from gptoss_webui.serve.procs import port_free
+from gptoss_webui.serve.state import EngineError
 from gptoss_webui.sources import resolve_model
 
 pytestmark = pytest.mark.slow
@@ -277,6 +279,30 @@ def test_bad_adapter_path_is_a_clear_error(engine, tmp_path):
         engine.load_adapter("ghost", tmp_path)
 
 
+def test_an_adapter_of_another_base_is_refused_and_the_engine_stays_up(engine, oss_adapter, oss_base):
+    with pytest.raises(EngineError) as err:
+        engine.load_adapter("stranger", oss_adapter)
+    assert str(err.value) == (f"{oss_adapter} was trained on another base ({oss_base}): a GptOssForCausalLM, and "
+                              f"{engine.info.model} is a LlamaForCausalLM. Serve it on its own base model")
+    assert engine.status().state == "running" and engine.models() == [engine.info.served_name]
+
+
+def test_the_ui_control_does_what_the_policy_says_and_says_why(engine, adapters):
+    """The Serve tab's "Serve this run": serve/policy.py decides (here: into the running engine), the control
+    executes it, and the task shows the reason first."""
+    from gptoss_webui.ui.engine_ctl import EngineControl
+
+    control = EngineControl(engine.state_path)
+    control.serve_adapter(cpu_serve_config("demo:tiny-dense"), "tuned2", str(adapters["tuned"]), "auto")
+    wait_for(lambda: not control.busy, 120, "the serve task")
+    assert control.snapshot().task.error is None
+    assert control.snapshot().task.messages == [
+        "vLLM can serve LoRA adapters for this model at run time; loading it into the running engine",
+        "adapter 'tuned2' loaded; it changes the model's output"]
+    assert engine.status().pid == control.engine.info.pid and "tuned2" in engine.models()
+    engine.unload_adapter("tuned2")
+
+
 def test_restarted_ui_reattaches(engine):
     other = Engine(engine.state_path)  # what a restarted UI does
     info = other.status()
@@ -289,7 +315,14 @@ def test_restarted_ui_reattaches(engine):
 def test_killed_engine_is_detected_and_restarts(cli, engine, oss_base, oss_adapter):
     info = engine.status()
     family = [p.pid for p in psutil.Process(info.pid).children(recursive=True)] + [info.pid]
+    # Killed mid-stream: the chat gets one clear line, not a transport traceback.
+    stream = ChatClient.for_engine(engine).stream(QUESTION, info.served_name,
+                                                  SamplingParams(temperature=0.0, max_tokens=400))
+    next(stream)
     os.kill(info.pid, signal.SIGKILL)
+    with pytest.raises(ChatError) as err:
+        list(stream)
+    assert str(err.value) == f"{info.served_name}: {CUT_OFF}"
     wait_for(lambda: engine.status().state == "crashed", 30, "the crash to be noticed")
     crashed = engine.status()
     assert "ended" in crashed.error and "log:" in crashed.error

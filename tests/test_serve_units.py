@@ -13,16 +13,14 @@ from serve_fixtures import cpu_serve_config, make_adapter
 
 from gptoss_webui.cli import build_parser, main
 from gptoss_webui.config import Recipe, ServeConfig
-from gptoss_webui.serve import plan
+from gptoss_webui.hardware import Gpu
+from gptoss_webui.paths import cache_dir
+from gptoss_webui.serve import launch, plan, policy
 from gptoss_webui.serve.command import serve_config_from_args
 from gptoss_webui.serve.diagnose import explain_failure
-from gptoss_webui.serve.engine import (
-    Engine,
-    EngineError,
-    EngineInfo,
-    build_command,
-    build_env,
-)
+from gptoss_webui.serve.engine import Engine
+from gptoss_webui.serve.launch import build_command, build_env, graph_sizes
+from gptoss_webui.serve.state import EngineError, EngineInfo
 from gptoss_webui.sources import resolve_model
 
 GPT_OSS = {"model_type": "gpt_oss"}
@@ -54,23 +52,90 @@ def test_failures_are_explained_in_one_line():
     assert explain_failure("INFO all good\n") == "the engine stopped without an error message"
 
 
+def adapter_dir(path, **config) -> str:
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "adapter_config.json").write_text(json.dumps({"r": 8, **config}))
+    return str(path)
+
+
 def test_auto_mode_merges_gpt_oss_on_cpu_and_hotloads_elsewhere(tmp_path):
-    adapter = tmp_path / "a"
-    adapter.mkdir()
-    (adapter / "adapter_config.json").write_text(json.dumps({"r": 8}))
-    adapters = {"a": str(adapter)}
-    merge = plan.plan_adapters(GPT_OSS, adapters, "auto", cpu=True)
+    adapters = {"a": adapter_dir(tmp_path / "a")}
+    cfg = ServeConfig()
+
+    def mode(model_cfg, adapters, requested, cpu):
+        return policy.plan_adapters("m", model_cfg, adapters, requested, cfg, cpu)
+
+    merge = mode(GPT_OSS, adapters, "auto", cpu=True)
     assert merge.mode == "merge" and "Triton" in merge.reason
-    assert plan.plan_adapters(GPT_OSS, adapters, "auto", cpu=False).mode == "hotload"
-    assert plan.plan_adapters(LLAMA, adapters, "auto", cpu=True).mode == "hotload"
-    assert plan.plan_adapters(LLAMA, adapters, "merge", cpu=True).mode == "merge"
-    assert plan.plan_adapters(LLAMA, {}, "auto", cpu=True).mode == "none"
+    assert mode(GPT_OSS, adapters, "auto", cpu=False).mode == "hotload"
+    assert mode(LLAMA, adapters, "auto", cpu=True).mode == "hotload"
+    assert mode(LLAMA, adapters, "merge", cpu=True).mode == "merge"
+    assert mode(LLAMA, {}, "auto", cpu=True).mode == "none"
     with pytest.raises(plan.PlanError, match="cannot hot-load"):
-        plan.plan_adapters(GPT_OSS, adapters, "hotload", cpu=True)
+        mode(GPT_OSS, adapters, "hotload", cpu=True)
     with pytest.raises(plan.PlanError, match="one adapter at a time"):
-        plan.plan_adapters(GPT_OSS, {"a": str(adapter), "b": str(adapter)}, "auto", cpu=True)
+        mode(GPT_OSS, {"a": adapters["a"], "b": adapters["a"]}, "auto", cpu=True)
     with pytest.raises(plan.PlanError, match="not a LoRA adapter folder"):
-        plan.plan_adapters(LLAMA, {"x": str(tmp_path / "nothing")}, "auto", cpu=True)
+        mode(LLAMA, {"x": str(tmp_path / "nothing")}, "auto", cpu=True)
+
+
+def test_auto_merges_expert_lora_on_a_gpu_from_the_measured_concurrency(tmp_path):
+    experts = adapter_dir(tmp_path / "experts", target_parameters=["mlp.experts.gate_up_proj"])
+    attention = adapter_dir(tmp_path / "attention", target_parameters=None)
+    many, few = ServeConfig(max_concurrency=64), ServeConfig(max_concurrency=8)
+    mode, why = policy.choose_mode("m", GPT_OSS, experts, "auto", many, cpu=False)
+    assert mode == "merge"
+    assert why == ("merging: expert LoRA decoded at 0.47x the base hot-loaded at 64 concurrent requests (H100, "
+                   "vLLM 0.26), and serve.max_concurrency is 64 (merge from 16)")
+    assert policy.choose_mode("m", GPT_OSS, experts, "auto", few, cpu=False) == (
+        "hotload", "hot-loading: the adapter has expert LoRA, but serve.max_concurrency 8 is below 16, where "
+        "merging was measured to pay")
+    assert policy.choose_mode("m", GPT_OSS, attention, "auto", many, cpu=False)[0] == "hotload"
+    assert policy.choose_mode("m", GPT_OSS, experts, "hotload", many, cpu=False) == ("hotload", "hot-load requested")
+    assert policy.choose_mode("m", GPT_OSS, attention, "merge", few, cpu=False) == ("merge", "merge requested")
+    # The CPU build keeps its rule: hot-load where vLLM runs LoRA for the architecture, else merge.
+    assert policy.choose_mode("m", LLAMA, experts, "auto", many, cpu=True)[0] == "hotload"
+    assert policy.choose_mode("m", GPT_OSS, attention, "auto", few, cpu=True)[0] == "merge"
+    # Two adapters where one would be merged: a merged model holds one, so both are hot-loaded.
+    both = policy.plan_adapters("m", GPT_OSS, {"e": experts, "a": attention}, "auto", many, cpu=False)
+    assert both.mode == "hotload" and both.reason.startswith("2 adapters, hot-loaded together")
+
+
+def test_a_merge_that_would_not_fit_the_gpus_is_hot_loaded_instead():
+    h100 = [Gpu(0, "H100", 80.0, 0.0), Gpu(1, "H100", 80.0, 0.0)]
+    config = ServeConfig(gpu_memory_utilization=0.9)
+    assert policy.merge_too_large("openai/gpt-oss-20b", config, h100) == ""
+    too_large = policy.merge_too_large("openai/gpt-oss-120b", config, h100)
+    assert too_large.startswith("merged, its weights would take ") and "more than the 72 GiB vLLM may use on 1 GPU" \
+        in too_large
+    assert policy.merge_too_large("openai/gpt-oss-120b", config, []) == ""  # sizes unknown here: no opinion
+
+
+def test_serving_action_for_each_engine_state(tmp_path):
+    adapter = adapter_dir(tmp_path / "a")
+    big = adapter_dir(tmp_path / "big", r=64)
+    config = ServeConfig(model="demo:tiny-dense")
+    dense = resolve_model("demo:tiny-dense")
+    running = EngineInfo(state="running", model=dense, model_spec="demo:tiny-dense", served_name="tiny-dense",
+                         lora_enabled=True, max_lora_rank=16, pid=1)
+
+    def act(info, path=adapter, mode="auto"):
+        return policy.serving_action(info, config, "a", path, mode, cpu=True)
+
+    assert act(EngineInfo()) == policy.Action("start", "hotload", "vLLM can serve LoRA adapters for this model "
+                                                                   "at run time")
+    assert act(running).kind == "hotload_running" and act(running).reason.endswith("loading it into the running "
+                                                                                   "engine")
+    assert act(running, mode="merge") == policy.Action("restart", "merge", "merge requested; the running engine is "
+                                                                           "restarted on the merged model")
+    assert act(running, big).reason.endswith("the adapter's LoRA rank 64 is above the engine's 16")
+    other = EngineInfo(**{**running.__dict__, "model": "/x", "model_spec": "demo:tiny-gpt-oss",
+                          "served_name": "tiny-gpt-oss"})
+    assert act(other).kind == "restart" and act(other).reason.endswith("it serves tiny-gpt-oss, not demo:tiny-dense")
+    merged = EngineInfo(**{**running.__dict__, "merged_from": {"b": "/b"}, "lora_enabled": False})
+    assert act(merged).reason.endswith("it serves b merged into the weights")
+    starting = EngineInfo(**{**running.__dict__, "state": "starting"})
+    assert act(starting).kind == "restart" and act(starting).reason.endswith("it is starting")
 
 
 def test_model_checks_before_start(tmp_path):
@@ -122,14 +187,56 @@ def test_command_and_environment(tmp_path):
                  "--max-lora-rank 32"):
         assert part in flags
     assert "--reasoning-parser" not in flags
+    assert "--max-num-seqs 64" in flags and "--cudagraph-capture-sizes" not in flags  # the CPU captures none
     env = build_env(info, config)
     assert env["VLLM_CPU_KVCACHE_SPACE"] == "2"  # vLLM reads whole GiB
     assert env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True"
+    assert env["VLLM_CACHE_ROOT"] == str(cache_dir() / "vllm")  # compile caches persist in the workspace
 
     oss = EngineInfo(model="/m", served_name="base", port=9000, model_type="gpt_oss")
     oss_flags = " ".join(build_command(oss, config))
     assert "--reasoning-parser openai_gptoss" in oss_flags and "--enable-lora" not in oss_flags
     assert build_env(oss, config)["TIKTOKEN_ENCODINGS_BASE"]
+
+
+def test_graph_sizes_follow_the_expected_concurrency(monkeypatch):
+    assert graph_sizes(1) == [1] and graph_sizes(16) == [1, 2, 4, 8, 16]
+    assert graph_sizes(24) == [1, 2, 4, 8, 16, 24] and graph_sizes(64) == [1, 2, 4, 8, 16, 32, 64]
+    monkeypatch.setattr(launch.plan, "engine_is_cpu", lambda: False)  # the command a GPU host gets
+    info = EngineInfo(model="/m", served_name="m", port=9000)
+    gpu = " ".join(build_command(info, ServeConfig(model="m", max_concurrency=24)))
+    assert "--max-num-seqs 24 " in gpu and "--cudagraph-capture-sizes 1 2 4 8 16 24" in gpu
+    eager = " ".join(build_command(info, ServeConfig(model="m", max_concurrency=24, enforce_eager=True)))
+    assert "--enforce-eager" in eager and "--cudagraph-capture-sizes" not in eager
+
+
+def test_an_adapter_of_another_base_is_refused(tmp_path):
+    from safetensors.numpy import save_file
+
+    dense, oss = resolve_model("demo:tiny-dense"), resolve_model("demo:tiny-gpt-oss")
+    on_dense = make_adapter(dense, tmp_path / "on-dense")
+    on_oss = make_adapter(oss, tmp_path / "on-oss", experts=True)
+    plan.check_adapter_base(dense, on_dense)
+    plan.check_adapter_base(oss, on_oss)
+    with pytest.raises(plan.PlanError) as err:
+        plan.check_adapter_base(dense, on_oss)
+    assert str(err.value) == (f"{on_oss} was trained on another base ({oss}): a GptOssForCausalLM, and {dense} is a "
+                              "LlamaForCausalLM. Serve it on its own base model")
+    # Same architecture, other sizes: a wider model, then one with fewer layers.
+    import numpy as np
+
+    shapes = plan.tensor_shapes(dense)
+    for name, keep, widen in (("wide", "model.", 2), ("shallow", "model.layers.0.", 1)):
+        other = tmp_path / name
+        other.mkdir()
+        shutil.copy(f"{dense}/config.json", other / "config.json")
+        save_file({k: np.zeros((1, v[-1] * widen), np.float32) for k, v in shapes.items()
+                   if k.startswith(keep) and "embed" not in k}, str(other / "model.safetensors"))
+    with pytest.raises(plan.PlanError, match=r"its model\.layers\.\d\.self_attn\.\w_proj takes \d+ inputs, this "
+                                             r"model's \d+\. Serve it on its own base model"):
+        plan.check_adapter_base(tmp_path / "wide", on_dense)
+    with pytest.raises(plan.PlanError, match=f"{tmp_path / 'shallow'} has no model.layers.1.self_attn"):
+        plan.check_adapter_base(tmp_path / "shallow", on_dense)
 
 
 def test_cli_serve_flags_become_a_serve_config():

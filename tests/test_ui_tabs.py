@@ -91,6 +91,7 @@ def test_a_restarted_ui_reattaches_to_a_running_engine(tmp_path, monkeypatch):
         snap = engine_ctl.control_for().snapshot()
         assert snap.state == "running" and snap.info.base_url == "http://127.0.0.1:8123/v1"
         assert "my-run" in serve_tab.engine_md(snap, "en") and "my-run" in serve_tab.adapters_md(snap, "en")
+        assert serve_tab.served_model(snap.info) == "/m"  # the merged folder it loads, not the base
     finally:
         sleeper.kill()
         sleeper.wait()
@@ -171,3 +172,24 @@ def test_data_and_launch_errors_are_worded_in_the_page_language(tmp_path):
     recipe = load_preset("tiny-cpu-demo", ["train.deepspeed.offload_optimizer=true"])
     _, reason = train_tab.on_start(runs, "zh", False, recipe.model_dump(mode="json"), "", *form_values(recipe))
     assert reason.startswith("❌ 无法开始：deepspeed.offload_optimizer 把优化器状态从 GPU 显存移到 CPU 内存")
+
+
+def test_the_serve_tab_shows_the_served_model_and_compare_never_pits_a_model_against_itself():
+    from gptoss_webui.serve.state import EngineInfo
+    from gptoss_webui.ui.chat_tab import compare_choices
+    from gptoss_webui.ui.serve_tab import served_model
+
+    hot = EngineInfo(model="/ws/models/tiny-gpt-oss", model_spec="demo:tiny-gpt-oss", served_name="tiny-gpt-oss",
+                     adapters={"pirate": "/runs/pirate/adapter"})
+    assert served_model(hot) == "demo:tiny-gpt-oss"  # the base as given; the adapters are listed below it
+    merged = EngineInfo(model="/runs/pirate/merged", model_spec="demo:tiny-gpt-oss", served_name="pirate",
+                        merged_from={"pirate": "/runs/pirate/adapter"})
+    assert served_model(merged) == "/runs/pirate/merged"
+
+    assert compare_choices(merged.model_names, None, None) == ([], None, [], None)  # one model: nothing to compare
+    names = hot.model_names
+    assert compare_choices(names, None, None) == (names, "tiny-gpt-oss", ["pirate"], "pirate")
+    assert compare_choices(names, "pirate", "pirate") == (names, "pirate", ["tiny-gpt-oss"], "tiny-gpt-oss")
+    three = [*names, "sailor"]
+    assert compare_choices(three, "pirate", "tiny-gpt-oss") == (three, "pirate", ["tiny-gpt-oss", "sailor"],
+                                                                "tiny-gpt-oss")

@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 ReasoningEffort = Literal["low", "medium", "high"]
+CUT_OFF = ("the engine stopped answering in the middle of the reply: it may have crashed. The Serve tab shows "
+           "its state and starts it again")
 
 
 class ChatError(Exception):
@@ -161,6 +163,8 @@ class ChatClient:
                     yield reply.snapshot()
         except Exception as exc:
             if not (cancel is not None and cancel.cancelled):  # else: the read was cut by our own close
+                if _cut_off(exc):
+                    raise ChatError(f"{model}: {CUT_OFF}") from None
                 raise ChatError(f"{model}: {_message(exc)}") from None
         finally:
             stream.close()
@@ -247,6 +251,14 @@ def _clean(messages: list[dict[str, str]]) -> list[dict[str, str]]:
             raise ChatError(f"unknown message role {m.get('role')!r}")
         out.append({"role": m["role"], "content": m.get("content") or ""})
     return out
+
+
+def _cut_off(exc: Exception) -> bool:
+    """A stream broken by the server going away (connection closed or reset mid-body), not an error it sent."""
+    import httpx
+    import openai
+
+    return isinstance(exc, (httpx.TransportError, openai.APIConnectionError))
 
 
 def _message(exc: Exception) -> str:

@@ -9,8 +9,9 @@ import time
 from typing import Any
 
 from gptoss_webui.config import Recipe, ServeConfig, in_section
-from gptoss_webui.serve import plan
-from gptoss_webui.serve.engine import Engine, EngineError
+from gptoss_webui.serve import plan, policy
+from gptoss_webui.serve.engine import Engine
+from gptoss_webui.serve.state import EngineError
 
 
 def serve_config_from_args(args: argparse.Namespace) -> tuple[ServeConfig, dict[str, str]]:
@@ -37,10 +38,10 @@ def serve_forever(args: argparse.Namespace) -> int:
     """`serve`: start the engine, print the OpenAI base URL and model names, run until Ctrl-C. When this
     workspace's engine is already up (started by the UI or another `serve`), hot-load into it instead."""
     config, adapters = serve_config_from_args(args)
+    mode: policy.AdapterMode = "merge" if args.merge else "auto"
     engine = Engine()
-    if engine.status().state in ("starting", "running"):
-        return load_into_running(engine, config, adapters)
-    mode: plan.AdapterMode = "merge" if args.merge else "auto"
+    if engine.status().live:
+        return load_into_running(engine, config, adapters, mode)
     # SIGTERM (a supervisor, `kill`) ends the CLI like Ctrl-C does: the engine is stopped, not orphaned.
     signal.signal(signal.SIGTERM, _interrupt)
     try:
@@ -67,20 +68,31 @@ def serve_forever(args: argparse.Namespace) -> int:
         return 0
 
 
-def load_into_running(engine: Engine, config: ServeConfig, adapters: dict[str, str]) -> int:
-    """Hot-load `adapters` into the engine already serving `config.model`; one engine per workspace, so a second
-    is never started beside it. The engine stays with whoever started it."""
+def load_into_running(engine: Engine, config: ServeConfig, adapters: dict[str, str],
+                      mode: policy.AdapterMode) -> int:
+    """Hot-load `adapters` into the engine already up in this workspace, where policy.serving_action says the
+    running engine can take them. One engine per workspace: a second is never started beside it, and the
+    engine stays with whoever started it, so what needs a restart is refused with the reason."""
     from gptoss_webui.sources import resolve_model
 
     info = engine.info
+    where = f"an engine is already {info.state} in this workspace: '{info.served_name or info.model_spec}' on " \
+            f"{info.base_url}"
+    stop_first = "stop it first (Stop in the Serve tab, or Ctrl-C where `serve` runs)"
     same_model = config.model == info.model_spec or resolve_model(config.model) == info.model
-    where = f"'{info.served_name or info.model_spec}' on {info.base_url}"
-    if not same_model or not adapters or info.state != "running":
+    if not adapters or info.state != "running":
         hint = ("wait until it is running" if same_model and info.state == "starting" else
-                "give --adapter NAME=PATH to hot-load into it" if same_model else
-                "stop it first (Stop in the Serve tab, or Ctrl-C where `serve` runs)")
-        raise EngineError(f"an engine is already {info.state} in this workspace: {where}; {hint}")
+                "give --adapter NAME=PATH to hot-load into it" if same_model else stop_first)
+        raise EngineError(f"{where}; {hint}")
+    try:
+        actions = {name: policy.serving_action(info, config, name, path, mode) for name, path in adapters.items()}
+    except plan.PlanError as exc:
+        raise EngineError(str(exc)) from None
+    for name, action in actions.items():
+        if action.kind != "hotload_running":
+            raise EngineError(f"{where}; serving '{name}' needs a restart ({action.reason}): {stop_first}")
     for name, path in adapters.items():
+        print(actions[name].reason, flush=True)
         print(engine.load_adapter(name, path).message, flush=True)
     print(f"\nOpenAI base URL: {info.base_url}")
     print(f"models: {', '.join(engine.models())}")

@@ -1,4 +1,4 @@
-"""Decisions taken before an engine starts: what the device can run, and how to serve each adapter.
+"""Checks taken before an engine starts: what the device can run, what a model and an adapter are.
 
 Everything here reads small JSON files and package metadata only (no torch, no vllm import), so the UI
 can call it on every form change.
@@ -9,12 +9,9 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Literal
 
-AdapterMode = Literal["auto", "hotload", "merge"]
 # vLLM's CPU attention kernels (CPU-STACK.md); a model with another head size fails at start-up.
 CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
 # --max-lora-rank accepts only these values (vllm/config/lora.py MaxLoRARanks).
@@ -24,12 +21,6 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 class PlanError(Exception):
     """A configuration the engine cannot run, found before starting it."""
-
-
-@dataclass(frozen=True)
-class AdapterPlan:
-    mode: Literal["none", "hotload", "merge"]
-    reason: str
 
 
 def engine_is_cpu() -> bool:
@@ -99,33 +90,51 @@ def read_adapter_config(adapter_dir: str | Path) -> dict:
         raise PlanError(f"{path} cannot be read: {exc}") from None
 
 
+def check_adapter_base(model_dir: str | Path, adapter_dir: str | Path) -> None:
+    """Refuse an adapter trained on another base: another architecture, a module this model lacks, other sizes.
+    vLLM would serve some of these as garbage and fail on others while loading. Reads JSON and safetensors
+    headers only; a hub name that is not downloaded here is not checked."""
+    model_cfg, cfg = model_config(model_dir), read_adapter_config(adapter_dir)
+    if not model_cfg:
+        return
+    trained_on = cfg.get("base_model_name_or_path") or "another model"
+    refuse = f"{adapter_dir} was trained on another base ({trained_on}): {{}}. Serve it on its own base model"
+    arch = (cfg.get("auto_mapping") or {}).get("base_model_class")
+    if arch and arch not in (model_cfg.get("architectures") or [arch]):
+        raise PlanError(refuse.format(f"a {arch}, and {model_dir} is a {', '.join(model_cfg['architectures'])}"))
+    base = tensor_shapes(model_dir)
+    ranks = {int(cfg.get("r", 8)), *(int(v) for v in (cfg.get("rank_pattern") or {}).values())}
+    experts = int(model_cfg.get("num_local_experts") or 0)
+    for key, shape in tensor_shapes(adapter_dir).items():
+        module, _, part = key.removeprefix("base_model.model.").partition(".lora_")
+        module = module.removesuffix(".base_layer")
+        if part != "A.weight":
+            continue
+        if not any(k.startswith(f"{module}.") for k in base):
+            raise PlanError(refuse.format(f"{model_dir} has no {module}"))
+        if module.endswith(".mlp.experts"):  # peft's fused expert layout: lora_A is [rank x experts, in]
+            if not experts or shape[0] % experts or shape[0] // experts not in ranks:
+                raise PlanError(refuse.format(f"its {module} LoRA does not split into {experts} experts"))
+        elif (want := base.get(f"{module}.weight")) and want[-1] != shape[1]:
+            raise PlanError(refuse.format(f"its {module} takes {shape[1]} inputs, this model's {want[-1]}"))
+
+
+def tensor_shapes(folder: str | Path) -> dict[str, list[int]]:
+    """Every tensor's shape in a folder's .safetensors files, from their JSON headers (no weights read)."""
+    shapes: dict[str, list[int]] = {}
+    for file in sorted(Path(folder).glob("*.safetensors")):
+        with open(file, "rb") as fh:
+            header = json.loads(fh.read(int.from_bytes(fh.read(8), "little")))
+        shapes.update({k: v["shape"] for k, v in header.items() if k != "__metadata__"})
+    return shapes
+
+
 def vllm_lora_rank(wanted: int) -> int:
     """The smallest value --max-lora-rank accepts that holds rank `wanted`."""
     for rank in VLLM_LORA_RANKS:
         if rank >= wanted:
             return rank
     raise PlanError(f"LoRA rank {wanted} is larger than vLLM supports ({VLLM_LORA_RANKS[-1]})")
-
-
-def plan_adapters(model_cfg: dict, adapters: dict[str, str], requested: AdapterMode,
-                  cpu: bool) -> AdapterPlan:
-    """Hot-load where the engine can run LoRA for this architecture, merge where it cannot."""
-    if not adapters:
-        return AdapterPlan("none", "no adapter to serve")
-    for path in adapters.values():
-        read_adapter_config(path)
-    can_lora, why = lora_support(model_cfg, cpu)
-    if requested == "hotload":
-        if not can_lora:
-            raise PlanError(f"cannot hot-load: {why}. Use merge mode instead")
-        return AdapterPlan("hotload", "hot-load requested")
-    if requested == "merge" or not can_lora:
-        if len(adapters) > 1:
-            raise PlanError("merge mode serves one merged model, so one adapter at a time: pick one of "
-                            + ", ".join(adapters))
-        reason = "merge requested" if requested == "merge" else f"merging the adapter instead: {why}"
-        return AdapterPlan("merge", reason)
-    return AdapterPlan("hotload", why)
 
 
 def merged_dir_for(adapter_dir: str | Path) -> Path:

@@ -35,6 +35,17 @@ def render(turns: list[dict[str, str]], lang: str, pending: bool = False) -> lis
     return out
 
 
+def compare_choices(names: list[str], a: str | None, b: str | None) -> tuple[list[str], str | None,
+                                                                          list[str], str | None]:
+    """Compare's two sides: (left choices, left, right choices, right). Nothing when the engine serves one model
+    (a merged run); the right side never offers the left's model. Defaults: the base left, the last adapter right."""
+    if len(names) < 2:
+        return [], None, [], None
+    a = a if a in names else names[0]
+    right = [n for n in names if n != a]
+    return names, a, right, b if b in right else right[-1]
+
+
 def build(L: Localizer, lang: gr.Radio) -> None:
     control = control_for()
     recipe0 = default_recipe()
@@ -100,9 +111,9 @@ def build(L: Localizer, lang: gr.Radio) -> None:
             for reply in client.stream(history, model_v, params):
                 turn = {"role": "assistant", "content": reply.content, "reasoning": reply.reasoning}
                 yield render([*history, turn], lang_v, pending=not reply.done), history, gr.skip()
-        except ChatError as exc:
+        except ChatError as exc:  # shown in the conversation, where it happened; not sent back to the model
             warn(lang_v, str(exc))
-            yield render(history, lang_v), history, gr.skip()
+            yield render([*history, {"role": "assistant", "content": f"❌ {exc}"}], lang_v), history, gr.skip()
             return
         final = [*history, {"role": "assistant", "content": reply.content if reply else "",
                             "reasoning": reply.reasoning if reply else ""}]
@@ -119,9 +130,11 @@ def build(L: Localizer, lang: gr.Radio) -> None:
             return
         if not a or not b:
             raise failure(lang_v, t("chat.pick_model", lang_v))
+        if a == b:
+            raise failure(lang_v, t("chat.same_model", lang_v, name=a))
         client, params = engine_client(lang_v), sampling(lang_v, values)
         user = {"role": "user", "content": text.strip()}
-        for replies in client.compare(text.strip(), [a, b] if a != b else [a], params):
+        for replies in client.compare(text.strip(), [a, b], params):
             shown = []
             for name in (a, b):
                 r = replies[name]
@@ -146,13 +159,18 @@ def build(L: Localizer, lang: gr.Radio) -> None:
                 else "_" + t("chat.no_engine", lang_v, state=t("engine." + snap.state, lang_v)) + "_")
         if len(names) == 1:  # a merged run (or a base alone) is one model: nothing to compare it with
             text += "  \n_" + t("chat.compare_one", lang_v, name=names[0]) + "_"
-        adapter = names[-1] if len(names) > 1 else (names[0] if names else None)
-        others = names if len(names) > 1 else []
-        return [gr.update(choices=names, value=current if current in names else adapter), text,
-                gr.update(choices=others, value=a if a in others else (others[0] if others else None)),
-                gr.update(choices=others, value=b if b in others else (adapter if others else None)), sig]
+        left, a, right, b = compare_choices(names, a, b)
+        chosen = current if current in names else (names[-1] if names else None)
+        return [gr.update(choices=names, value=chosen), text, gr.update(choices=left, value=a),
+                gr.update(choices=right, value=b), sig]
+
+    def on_pick_left(seen_v: Any, a: str | None, b: str | None):
+        names = list(seen_v[2]) if seen_v else []  # poll's signature holds the served names third
+        _left, _a, right, b = compare_choices(names, a, b)
+        return gr.update(choices=right, value=b)
 
     seen = gr.State(None)
+    model_a.input(on_pick_left, [seen, model_a, model_b], [model_b])
     poll_in, poll_out = [lang, model, model_a, model_b, seen], [model, status, model_a, model_b, seen]
     timer.tick(poll, poll_in, poll_out, show_progress="hidden")
     lang.change(lambda *a: poll(*a[:-1], None), poll_in, poll_out, show_progress="hidden")

@@ -1,4 +1,5 @@
-"""The UI's handle on the one vLLM engine: serve/engine.py's Engine plus a background task runner.
+"""The UI's handle on the one vLLM engine: serve/engine.py's Engine plus a background task runner;
+how a run's adapter is served is serve/policy.py's decision, which it executes.
 
 Starting an engine (and merging an adapter first) takes tens of seconds to minutes, longer than a
 click should block; the task runs in a thread and records what it says, and every page polls
@@ -18,6 +19,8 @@ from typing import Any
 
 from gptoss_webui.config import ServeConfig
 from gptoss_webui.paths import engine_state_file
+from gptoss_webui.serve.policy import AdapterMode
+from gptoss_webui.serve.state import EngineInfo
 
 Say = Callable[[str], None]
 
@@ -34,7 +37,7 @@ class Task:
 @dataclass
 class Snapshot:
     state: str  # stopped / starting / running / crashed (the engine's), or "busy" while a task runs
-    info: Any  # serve.engine.EngineInfo
+    info: EngineInfo
     task: Task | None
     log_tail: str
 
@@ -90,18 +93,19 @@ class EngineControl:
     def stop(self) -> None:
         self._run("stop", lambda say: (self.engine.stop(), say("stopped")))
 
-    def serve_adapter(self, config: ServeConfig, name: str, adapter: str, mode: str) -> None:
-        """Serve a run's adapter: hot-load into the running engine where possible, else (re)start the
-        engine with it (merged where the engine cannot run LoRA for this model, or when asked to)."""
+    def serve_adapter(self, config: ServeConfig, name: str, adapter: str, mode: AdapterMode) -> None:
+        """Serve a run's adapter as serve/policy.py decides (hot-load into the running engine, or start or
+        restart it with the adapter hot-loaded or merged); its one-line reason goes first in the task."""
 
         def work(say: Say) -> None:
-            info = self.engine.status()
-            running_same_base = info.state == "running" and info.model_spec == config.model
-            if running_same_base and info.lora_enabled and mode != "merge":
+            from gptoss_webui.serve.policy import serving_action
+
+            action = serving_action(self.engine.status(), config, name, adapter, mode)
+            say(action.reason)
+            if action.kind == "hotload_running":
                 say(self.engine.load_adapter(name, adapter).message)
                 return
-            if info.state in ("starting", "running"):
-                say("restarting the engine with the adapter")
+            if action.kind == "restart":
                 self.engine.stop()
             self.engine.start(config, adapters={name: adapter}, adapter_mode=mode, progress=say)
 

@@ -116,6 +116,7 @@ FIELD_BY_PATH = {f.path: f for f in FIELDS}
 SERVE_FIELDS: list[FormField] = [
     _F("serve.model", "serve.model", "model"),
     _F("serve.max_model_len", "serve.max_model_len", "int"),
+    _F("serve.max_concurrency", "serve.max_concurrency", "int"),
     _F("serve.gpu_memory_utilization", "serve.gpu_util", "float"),
     _F("serve.cpu_kv_cache_gib", "serve.cpu_kv", "float"),
     _F("serve.max_loras", "serve.max_loras", "int"),

@@ -14,6 +14,7 @@ import gradio as gr
 from gptoss_webui.config import ConfigError, Recipe
 from gptoss_webui.presets import default_recipe
 from gptoss_webui.runs import RunsDir
+from gptoss_webui.serve.state import EngineInfo
 from gptoss_webui.ui.access import outside_paths, redact
 from gptoss_webui.ui.engine_ctl import Snapshot, control_for
 from gptoss_webui.ui.form import SERVE_FIELDS, form_values, serve_from_form
@@ -53,6 +54,12 @@ def engine_md(snap: Snapshot, lang: str) -> str:
     elif snap.state == "crashed" and info.error:
         paragraphs.append(t("serve.crashed_with", lang, error=info.error))
     return "\n\n".join(paragraphs)
+
+
+def served_model(info: EngineInfo) -> str:
+    """What the Model field shows while an engine is up: the merged folder it loads for a merged run, else the
+    base as it was given (its hot-loaded adapters are listed under Served adapters)."""
+    return info.model if info.merged_from else (info.model_spec or info.model)
 
 
 def adapters_md(snap: Snapshot, lang: str) -> str:
@@ -105,7 +112,7 @@ def build(L: Localizer, lang: gr.Radio, runs_dir: str) -> ServeTab:
     timer = gr.Timer(POLL_S)
 
     # --- handlers --------------------------------------------------------------------------------
-    poll_out = [state, base_url, adapters, unload_pick, log, start, stop, serve_run, run, seen]
+    poll_out = [state, base_url, adapters, unload_pick, log, start, stop, serve_run, run, fields[0], seen]
 
     def poll(lang_v: str, seen_v: Any, forced: bool = False):
         try:
@@ -114,17 +121,20 @@ def build(L: Localizer, lang: gr.Radio, runs_dir: str) -> ServeTab:
             return [t("serve.unavailable", lang_v, error=exc), *[gr.skip()] * (len(poll_out) - 1)]
         runs = finished_runs(runs_dir)
         info, task = snap.info, snap.task
+        served = served_model(info) if info.live and info.pid else None
         sig = (lang_v, snap.state, info.to_json(), task and (len(task.messages), task.error, task.done),
-               snap.log_tail[-300:], tuple(runs))
+               snap.log_tail[-300:], tuple(runs), served)
         if sig == seen_v and not forced:
             return [gr.skip()] * len(poll_out)
         busy = snap.state in ("busy", "starting")
         live = snap.state == "running"
         url = info.base_url if live or snap.state == "starting" else ""
+        # The Model field follows the engine when what it serves changes, and is the user's again otherwise.
+        model = served if served and (forced or not seen_v or seen_v[-1] != served) else gr.skip()
         return [redact(engine_md(snap, lang_v)), url, adapters_md(snap, lang_v),
                 gr.update(choices=list(info.adapters) if live else []), redact(snap.log_tail),
                 gr.update(interactive=not busy and not live), gr.update(interactive=snap.state != "stopped"),
-                gr.update(interactive=not busy), gr.update(choices=runs), sig]
+                gr.update(interactive=not busy), gr.update(choices=runs), model, sig]
 
     def poll_now(lang_v: str, seen_v: Any):
         return poll(lang_v, seen_v, forced=True)

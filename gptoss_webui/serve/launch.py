@@ -1,0 +1,118 @@
+"""What the vLLM server process is started with: its command line, its environment, its port.
+
+Everything here is decided before the process exists, from an EngineInfo (model, port, LoRA) and the
+ServeConfig (sizes, flags); engine.py starts the process with it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+from pathlib import Path
+
+import psutil
+
+from gptoss_webui.config import ServeConfig
+from gptoss_webui.paths import cache_dir
+from gptoss_webui.serve import plan, procs
+from gptoss_webui.serve.state import EngineError, EngineInfo
+
+
+def build_command(info: EngineInfo, config: ServeConfig) -> list[str]:
+    """The vLLM server command for `info` (model, port, LoRA) and `config` (sizes, flags)."""
+    cpu = plan.engine_is_cpu()
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+           "--model", info.model, "--served-model-name", info.served_name,
+           "--host", info.host, "--port", str(info.port),
+           "--dtype", config.dtype, "--max-model-len", str(config.max_model_len),
+           "--tensor-parallel-size", str(config.tensor_parallel_size),
+           "--max-num-seqs", str(config.max_concurrency)]
+    if not cpu:
+        cmd += ["--gpu-memory-utilization", str(config.gpu_memory_utilization)]
+    if config.block_size:
+        cmd += ["--block-size", str(config.block_size)]
+    if config.enforce_eager:
+        cmd.append("--enforce-eager")
+    elif not cpu:  # the CPU build captures no graphs (it empties the list whatever it is given)
+        cmd += ["--cudagraph-capture-sizes", *map(str, graph_sizes(config.max_concurrency))]
+    if info.model_type == "gpt_oss":
+        cmd += ["--reasoning-parser", "openai_gptoss"]
+    if info.lora_enabled:
+        wanted = max([config.max_lora_rank, *(plan.adapter_rank(p) for p in info.pending_adapters.values())])
+        rank = info.max_lora_rank = plan.vllm_lora_rank(wanted)
+        if rank != config.max_lora_rank:
+            accepted = ", ".join(map(str, plan.VLLM_LORA_RANKS))
+            info.notes.append(f"max LoRA rank {rank} (vLLM accepts {accepted}; configured "
+                              f"{config.max_lora_rank}, adapters need {wanted})")
+        cmd += ["--enable-lora", "--max-loras", str(max(config.max_loras, len(info.pending_adapters))),
+                "--max-lora-rank", str(rank)]
+    return cmd
+
+
+def graph_sizes(concurrency: int) -> list[int]:
+    """The batch sizes to capture CUDA graphs for: powers of two below `concurrency`, then itself. vLLM's
+    default captures about 50 sizes up to 512; the start pays for each (79 s of 243 s on an H100)."""
+    sizes = [1 << i for i in range(concurrency.bit_length()) if 1 << i < concurrency]
+    return [*sizes, concurrency]
+
+
+def build_env(info: EngineInfo, config: ServeConfig) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(PYTHONUNBUFFERED="1", VLLM_NO_USAGE_STATS="1", DO_NOT_TRACK="1",
+               TOKENIZERS_PARALLELISM="false")
+    # torch.compile artefacts and the start-up plan persist in the workspace (the /data volume in Docker),
+    # so the next start of the same engine skips them.
+    env.setdefault("VLLM_CACHE_ROOT", str(cache_dir() / "vllm"))
+    if info.lora_enabled:
+        env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
+    if plan.engine_is_cpu():
+        # Required on the CPU (else vLLM sizes the cache from memory other programs are using); whole GiB.
+        env["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, math.ceil(config.cpu_kv_cache_gib)))
+    if info.api_key_env:
+        # Through the environment rather than --api-key: a command line is visible to every user in `ps`.
+        env["VLLM_API_KEY"] = os.environ[info.api_key_env]
+    if info.model_type == "gpt_oss":
+        # openai_harmony (the chat path of gpt-oss) loads o200k ranks from here instead of the internet.
+        from gptoss_webui.tokenizer import o200k_ranks_file
+
+        try:
+            env["TIKTOKEN_ENCODINGS_BASE"] = str(o200k_ranks_file().parent)
+        except RuntimeError as exc:
+            raise EngineError(f"gpt-oss chat needs the o200k ranks file: {exc}") from None
+    return env
+
+
+def served_name(spec: str, model: str) -> str:
+    """demo:tiny-gpt-oss -> tiny-gpt-oss; runs/x/merged -> x-merged; a folder -> its name; a hub id as is."""
+    if spec.startswith("demo:"):
+        return spec.removeprefix("demo:")
+    path = Path(model)
+    if not path.exists():
+        return spec
+    path = path.resolve()
+    return f"{path.parent.name}-merged" if path.name == "merged" else path.name
+
+
+def pick_port(host: str, port: int, strict: bool, notes: list[str]) -> int:
+    """`port` when free; else the next free one (noted), or an error when `strict`."""
+    if procs.port_free(host, port):
+        return port
+    if strict:
+        raise EngineError(f"port {port} on {host} is already in use by another program: pick another port")
+    for candidate in range(port + 1, min(port + 200, 65536)):
+        if procs.port_free(host, candidate):
+            notes.append(f"port {port} was in use; the engine listens on {candidate}")
+            return candidate
+    raise EngineError(f"ports {port}-{port + 199} on {host} are all in use: pick another port")
+
+
+def check_cpu_memory(model: str, kv_gib: float) -> None:
+    """On the CPU the weights and the KV cache share RAM with everything else: refuse what cannot fit."""
+    weights = sum(p.stat().st_size for p in Path(model).glob("*.safetensors")) / 2**30
+    free = psutil.virtual_memory().available / 2**30
+    need = weights + max(1, math.ceil(kv_gib))
+    if need > free:
+        raise EngineError(f"not enough free memory: the weights ({weights:.1f} GiB) and the KV cache "
+                          f"({max(1, math.ceil(kv_gib))} GiB) need {need:.1f} GiB, {free:.1f} GiB is free. "
+                          "Lower serve.cpu_kv_cache_gib or close other programs")
