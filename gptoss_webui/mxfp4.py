@@ -64,40 +64,42 @@ def _decode(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> t
     return (values.unflatten(-1, (-1, BLOCK)) * power[..., None]).flatten(-2)
 
 
-def decode(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def decode(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype, again: bool = False) -> torch.Tensor:
     """[E, rows, cols/32, 16] codes + [E, rows, cols/32] scales -> [E, rows, cols] weights in `dtype`.
 
     On a GPU one Triton kernel (mxfp4_triton: one read of the codes, one write of the weights, also inside a
-    compiled layer); bf16 holds every decoded value exactly, so other dtypes convert from it. On the CPU, or
-    without Triton, torch ops one expert at a time, which bounds their temporaries to one expert's size.
+    compiled layer); bf16 holds every decoded value exactly, so other dtypes convert from it. `again`: a
+    backward's decode of codes the forward decoded too, under another op name that a compiled layer does not
+    merge with the forward's (mxfp4_triton). On the CPU, or without Triton, torch ops one expert at a time, which
+    bounds their temporaries to one expert's size.
     """
     import torch
 
-    if blocks.is_cuda and (_gpu_kernel is not None or load_gpu_kernel()):
-        weights = _gpu_kernel(blocks, scales)
+    if blocks.is_cuda and (_gpu_kernels is not None or load_gpu_kernel()):
+        weights = _gpu_kernels[again](blocks, scales)
         return weights if dtype == torch.bfloat16 else weights.to(dtype)
     if blocks.dim() < 4 or torch.compiler.is_compiling():  # a compiled graph fuses the ops instead
         return _decode(blocks, scales, dtype)
     return torch.stack([_decode(b, s, dtype) for b, s in zip(blocks, scales, strict=True)])
 
 
-_gpu_kernel = None  # mxfp4_triton.decode_bf16, once load_gpu_kernel found Triton
+_gpu_kernels = None  # mxfp4_triton's (decode_bf16, decode_bf16_again), once load_gpu_kernel found Triton
 
 
 def load_gpu_kernel() -> bool:
     """Import the Triton decode, if Triton is there. Models call this when they are built, outside any compiled
     region: a custom op cannot be registered while torch.compile traces. Without Triton the GPU decodes with
     torch ops, an expert at a time (slower), and says so once."""
-    global _gpu_kernel
+    global _gpu_kernels
     from torch.utils._triton import has_triton
 
-    if _gpu_kernel is None and has_triton():
-        from gptoss_webui.mxfp4_triton import decode_bf16
+    if _gpu_kernels is None and has_triton():
+        from gptoss_webui.mxfp4_triton import decode_bf16, decode_bf16_again
 
-        _gpu_kernel = decode_bf16
-    elif _gpu_kernel is None:
+        _gpu_kernels = (decode_bf16, decode_bf16_again)
+    elif _gpu_kernels is None:
         _say_no_triton()
-    return _gpu_kernel is not None
+    return _gpu_kernels is not None
 
 
 @functools.cache

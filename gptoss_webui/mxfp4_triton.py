@@ -11,7 +11,8 @@ copy bandwidth, like torch.compile's decode); this one does per code byte one ta
 Each program handles 128 scale blocks of 16 code bytes: one scale load per block. bench/README.md has the timings
 (H200: 81 % of the copy bandwidth) and the variants that lost.
 
-It is registered as the custom op `gptoss::mxfp4_decode`, so that a compiled layer calls it as one opaque kernel.
+It is registered as the custom ops `gptoss::mxfp4_decode` (and `_again`, for a backward's decode), so that a
+compiled layer calls it as one opaque kernel.
 """
 
 from __future__ import annotations
@@ -73,8 +74,7 @@ def _byte_tables(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     return _tables[device]
 
 
-@torch.library.custom_op("gptoss::mxfp4_decode", mutates_args=())
-def decode_bf16(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+def _decode(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """[..., rows, cols/32, 16] uint8 codes + [..., rows, cols/32] uint8 scales -> [..., rows, cols] bf16."""
     blocks, scales = blocks.contiguous(), scales.contiguous()
     out = torch.empty((*blocks.shape[:-2], blocks.shape[-2] * 32), dtype=torch.bfloat16, device=blocks.device)
@@ -87,6 +87,14 @@ def decode_bf16(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     return out
 
 
-@decode_bf16.register_fake
-def _(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+def _shape(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     return blocks.new_empty((*blocks.shape[:-2], blocks.shape[-2] * 32), dtype=torch.bfloat16)
+
+
+# Two names for one kernel: a compiled layer would merge two calls of one op on the same codes and keep the
+# forward's result for the backward; the backward's own decode (when the decoded weights are not kept) uses
+# the second name, so that nothing decoded outlives its matmul.
+decode_bf16 = torch.library.custom_op("gptoss::mxfp4_decode", _decode, mutates_args=())
+decode_bf16_again = torch.library.custom_op("gptoss::mxfp4_decode_again", _decode, mutates_args=())
+decode_bf16.register_fake(_shape)
+decode_bf16_again.register_fake(_shape)

@@ -146,15 +146,20 @@ def test_hand_computed_terms_zero3_and_offload():
 
 
 def test_hand_computed_terms_mxfp4():
-    """MXFP4-resident experts: 4.25 bits a weight, the rest bf16 (input embeddings on the CPU), and one decoded
-    expert weight (the largest, gate_up_proj: 32 x 2880 x 5760 in bf16) alive in a layer's backward."""
+    """MXFP4-resident experts: 4.25 bits a weight, the rest bf16 (input embeddings on the CPU), and the recomputed
+    layer's two decoded expert weights (gate_up_proj 32 x 2880 x 5760, down_proj 32 x 2880 x 2880 in bf16) kept
+    for its backward; or, where those do not fit, one at a time (the largest, gate_up_proj)."""
     est = estimate(_cfg(base_weights="mxfp4", data={"max_length": 4096}), GPT_OSS_20B, 80.0, 1)
     terms = _terms(est)
     experts = 24 * 32 * (2880 * 5760 + 2880 * 2880)
     assert terms["base weights"] == pytest.approx((experts * 0.53125 + (P20B - experts - EMBEDDINGS) * 2) / 2**30)
     assert experts * 0.53125 / 2**30 == pytest.approx(9.46, abs=0.01)  # GPT-OSS-FACTS.md
     bf16 = _terms(estimate(_cfg(data={"max_length": 4096}), GPT_OSS_20B, 80.0, 1))
-    assert terms["recomputed layer"] - bf16["recomputed layer"] == pytest.approx(32 * 2880 * 5760 * 2 / 2**30)
+    assert est.keep_decoded
+    assert terms["recomputed layer"] - bf16["recomputed layer"] == pytest.approx(32 * 2880 * 8640 * 2 / 2**30)
+    again = _terms(estimate(_cfg(base_weights="mxfp4", data={"max_length": 4096}), GPT_OSS_20B, 80.0, 1,
+                            keep_decoded=False))
+    assert again["recomputed layer"] - bf16["recomputed layer"] == pytest.approx(32 * 2880 * 5760 * 2 / 2**30)
     fallback = estimate(_cfg(base_weights="mxfp4", deepspeed={"stage": 3}), GPT_OSS_20B, 80.0, 1)
     assert any("falls back to bf16 under ZeRO-3" in str(n) for n in fallback.notes)
 

@@ -259,3 +259,34 @@ def test_gpu_decode_kernel_is_bit_exact_for_every_code_and_scale():
     reference = convert_moe_packed_tensors(blocks, scales, dtype=torch.bfloat16).transpose(1, 2)
     assert torch.equal(ours.view(torch.int16), torch_ops.view(torch.int16))
     assert torch.equal(ours.view(torch.int16), reference.contiguous().view(torch.int16))
+
+
+def test_keeping_the_decoded_experts_changes_no_gradient(tiny_gpt_oss_mxfp4):
+    """Kept for the backward or decoded again there (train/experts.py): the same loss and LoRA gradients."""
+    from gptoss_webui.train.experts import GroupedExperts
+
+    ids, grads = _batch(), {}
+    for keep in (True, False):
+        model, _, _ = _model(tiny_gpt_oss_mxfp4, "mxfp4", gradient_checkpointing=True, model=str(tiny_gpt_oss_mxfp4))
+        experts = [m for m in model.modules() if isinstance(m, GroupedExperts)]
+        assert experts and all(m.keep_decoded for m in experts)  # the worker's pick: no GPU here, nothing to judge
+        for m in experts:
+            m.keep_decoded = keep
+        model.train()
+        model(input_ids=ids, labels=ids).loss.backward()
+        grads[keep] = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    assert all(torch.equal(grads[True][n], grads[False][n]) for n in grads[True])
+
+
+def test_the_estimate_keeps_the_decoded_experts_where_they_fit():
+    """A 24 GB card has room for a layer's decoded experts in its backward; the 16 GB preset decodes again."""
+    from gptoss_webui.presets import load_preset
+    from gptoss_webui.train.memory import estimate_for_recipe
+
+    roomy = estimate_for_recipe(load_preset("gpt-oss-20b-1x24gb").train, search_fix=False)
+    assert roomy.fits and roomy.keep_decoded
+    tight = estimate_for_recipe(load_preset("gpt-oss-20b-1x16gb").train, search_fix=False)
+    assert tight.fits and not tight.keep_decoded
+    assert "decoded again in the backward (keeping them would need 0.49 GiB more)" in " ".join(map(str, tight.notes))
+    eager = load_preset("gpt-oss-20b-1x24gb", ["train.gradient_checkpointing=false"]).train
+    assert not estimate_for_recipe(eager, search_fix=False).keep_decoded  # every layer's would be kept

@@ -2,9 +2,9 @@
 
 `GroupedExperts` replaces transformers' GptOssExperts in every layer. Tokens are sorted by expert and each
 projection is one grouped matmul (torch's grouped GEMM on a GPU). The frozen weight is either a bf16 tensor or
-the checkpoint's MXFP4 blocks and scales, decoded just in time: in the forward pass, in the recomputation under
-gradient checkpointing, and in the backward pass, one weight at a time (`_FrozenGroupedMatmul`). A decoded copy
-never outlives its matmul: gpt-oss-20b holds at most one gate_up_proj in bf16 (0.99 GiB) instead of 39 GiB.
+the checkpoint's MXFP4 blocks and scales, decoded just in time: in the forward pass and in the recomputation under
+gradient checkpointing, and kept for the layer's backward or decoded again there (`_FrozenGroupedMatmul`).
+gpt-oss-20b holds at most one layer's experts in bf16 (1.5 GiB, or 0.99 GiB decoding again) instead of 39 GiB.
 
 Expert LoRA computes y = x W + s (x A) B per expert, never W + s B A: no expert-sized copies, no expert-sized
 weight gradient. `ExpertLoraFactors` holds A and B in peft's ParamWrapper layout (the same module nesting,
@@ -39,31 +39,35 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Te
     return torch.cat([x[a:b] @ w[g] for g, (a, b) in enumerate(bounds)])
 
 
-def _frozen_weight(weight: torch.Tensor, scales: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+def _frozen_weight(weight: torch.Tensor, scales: torch.Tensor | None, dtype: torch.dtype,
+                   again: bool = False) -> torch.Tensor:
     """[G, out, in]: decoded from MXFP4 codes (scales given), else a view of the bf16 [G, in, out] weight."""
-    return decode(weight, scales, dtype) if scales is not None else weight.transpose(1, 2)
+    return decode(weight, scales, dtype, again) if scales is not None else weight.transpose(1, 2)
 
 
 class _FrozenGroupedMatmul(torch.autograd.Function):
-    """x @ W per group for a frozen W that is MXFP4 (decoded on use) or bf16. Only the codes are saved for the
-    backward, which decodes again. Eager, memory holds one decoded weight at a time, at the price of a third
-    decode per step (forward, recomputation, backward). In a compiled layer the decode is one opaque custom op
-    that the backward repeats on the same inputs, and torch.compile saves the forward's result instead: two
-    decodes a step, and under checkpointing a layer's two decoded weights alive in its backward (profiled on
-    an H200: 96 decode kernels a step for 24 layers; bench/README.md)."""
+    """x @ W per group for a frozen W that is MXFP4 (decoded on use) or bf16.
+
+    keep_decoded: the forward's decoded weight is saved for the backward. Under gradient checkpointing the first
+    forward's saved tensors are dropped, so only the recomputed layer's two decoded weights live until its
+    backward (1.5 GiB for gpt-oss-20b): two decodes a step. Otherwise only the codes are saved and the backward
+    decodes again (a third decode a step), with one decoded weight alive at a time: for cards without the room.
+    The estimator decides (memory.estimate's keep_decoded)."""
 
     @staticmethod
-    def forward(ctx, x, offs, weight, scales):
-        ctx.save_for_backward(offs, weight, scales)
-        return grouped_mm(x, _frozen_weight(weight, scales, x.dtype).transpose(1, 2), offs)
+    def forward(ctx, x, offs, weight, scales, keep_decoded):
+        w = _frozen_weight(weight, scales, x.dtype)
+        ctx.kept = keep_decoded and scales is not None
+        ctx.save_for_backward(offs, w, None) if ctx.kept else ctx.save_for_backward(offs, weight, scales)
+        return grouped_mm(x, w.transpose(1, 2), offs)
 
     @staticmethod
     def backward(ctx, grad_y):
         if not ctx.needs_input_grad[0]:
-            return None, None, None, None
+            return None, None, None, None, None
         offs, weight, scales = ctx.saved_tensors
-        w = _frozen_weight(weight, scales, grad_y.dtype).to(grad_y.dtype)
-        return grouped_mm(grad_y.contiguous(), w, offs), None, None, None
+        w = weight if ctx.kept else _frozen_weight(weight, scales, grad_y.dtype, again=True).to(grad_y.dtype)
+        return grouped_mm(grad_y.contiguous(), w, offs), None, None, None, None
 
 
 class GroupedExperts(nn.Module):
@@ -81,6 +85,7 @@ class GroupedExperts(nn.Module):
         self.intermediate_size = experts.intermediate_size
         self.alpha, self.limit = experts.alpha, experts.limit  # clamped SwiGLU
         self.mxfp4 = False
+        self.keep_decoded = True  # see _FrozenGroupedMatmul; the worker sets what the estimate says
 
     @classmethod
     def from_transformers(cls, experts: nn.Module) -> GroupedExperts:
@@ -126,7 +131,7 @@ class GroupedExperts(nn.Module):
             weight, scales = getattr(self, f"{name}_blocks"), getattr(self, f"{name}_scales")
         else:
             weight, scales = getattr(self, name), None
-        y = _FrozenGroupedMatmul.apply(x, offs, weight, scales)
+        y = _FrozenGroupedMatmul.apply(x, offs, weight, scales, self.keep_decoded)
         if name in lora:
             y = y + lora[name].delta(x, expert_of)
         return y + getattr(self, f"{name}_bias")[expert_of].to(y.dtype)

@@ -139,6 +139,7 @@ class Estimate:
     attention: str
     peak_at: Message  # the term that sets the peak
     base_weights: str = "bf16"  # the form the experts take: "auto" resolved here, for the worker too
+    keep_decoded: bool = False  # MXFP4: the recomputed layer's decoded experts kept for its backward (the worker's)
     fix: Fix | None = None
     longest_max_length: int | None = None  # the longest data.max_length that fits, all else kept
     notes: list[Message] = field(default_factory=list)
@@ -238,11 +239,14 @@ def loss_slice_rows(vocab: int) -> int:
 
 
 def estimate(train_cfg: TrainConfig, arch: Architecture, gpu_gib: float | None, world_size: int, *,
-             on_gpu: bool | None = None, search_fix: bool = True, plain_hf: bool = False) -> Estimate:
+             on_gpu: bool | None = None, search_fix: bool = True, plain_hf: bool = False,
+             keep_decoded: bool | None = None) -> Estimate:
     """Per-GPU memory of train_cfg on `world_size` GPUs of `gpu_gib` each (None: nothing to judge against,
     fits=True). on_gpu decides what attention `auto` becomes (default: gpu_gib is not None); search_fix=False
     skips the search for a fix when it does not fit. plain_hf: estimate plain transformers + peft instead of our
-    setup (its loss, its input embeddings on the GPU): the baseline that bench/train.py measures beside ours."""
+    setup (its loss, its input embeddings on the GPU): the baseline that bench/train.py measures beside ours.
+    keep_decoded (MXFP4 experts under checkpointing; None: kept where that fits, the faster way) is decided here
+    for the worker too (train/experts.py)."""
     cfg, n = train_cfg, max(1, world_size)
     on_gpu = gpu_gib is not None if on_gpu is None else on_gpu
     p = DTYPE_BYTES[cfg.precision]
@@ -307,9 +311,11 @@ def estimate(train_cfg: TrainConfig, arch: Architecture, gpu_gib: float | None, 
     # 3-5. activations, the layer in backward, logits: peak = max(loss, one layer's backward).
     per_layer = _layer_saved_bytes_per_token(arch, p) * tokens
     scores = b * arch.heads * s * (s + 1) * p if quadratic else 0.0  # one [b, heads, s, s+1] tensor
-    # MXFP4: one fused expert weight decoded at a time (train/experts.py). Expert LoRA adds only rank-sized
-    # activations: it never builds W + B.A.
-    decoded = max((e * a * o for e, a, o in arch.expert_shapes().values()), default=0) * p if mxfp4 else 0
+    # MXFP4 (train/experts.py): the recomputed layer's decoded expert weights kept for its backward, else one
+    # decoded at a time. Expert LoRA adds only rank-sized activations: it never builds W + B.A.
+    keep = mxfp4 and cfg.gradient_checkpointing and keep_decoded is not False
+    expert_sizes = [e * a * o * p for e, a, o in arch.expert_shapes().values()] if mxfp4 else [0]
+    decoded = sum(expert_sizes) if keep else max(expert_sizes)
     final = tokens * arch.hidden * (RMSNORM_SAVED_BYTES + p)  # final norm + lm_head input
     if cfg.gradient_checkpointing:
         saved = arch.layers * tokens * arch.hidden * p + final
@@ -327,7 +333,8 @@ def estimate(train_cfg: TrainConfig, arch: Architecture, gpu_gib: float | None, 
     layer_detail = (say("memory.detail.eager_scores", n=n_scores, b=b, heads=arch.heads, s=s, p=p) if quadratic
                     else say("memory.detail.linear", attention=attention))
     if decoded:
-        layer_detail = say("memory.detail.decoded", detail=layer_detail, gib=decoded / GIB)
+        layer_detail = (say("memory.detail.decoded_kept", detail=layer_detail, gib=decoded / GIB) if keep
+                        else say("memory.detail.decoded", detail=layer_detail, gib=decoded / GIB))
     if plain_hf:
         logits = tokens * arch.vocab * (p + 4 * LOGITS_FP32_TENSORS)
         logits_detail = say("memory.detail.hf_logits", b=b, s=s, vocab=arch.vocab, p=p, fp32=4 * LOGITS_FP32_TENSORS)
@@ -367,7 +374,13 @@ def estimate(train_cfg: TrainConfig, arch: Architecture, gpu_gib: float | None, 
     est = Estimate(model=cfg.model, setup=setup, terms=terms, peak_allocated_gib=allocated,
                    total_gib=total, gpu_gib=gpu_gib, world_size=n, fits=fits, margin_gib=margin,
                    trainable_params=P, total_params=arch.total_params, attention=attention,
-                   peak_at=loss_name if loss_peak else layer_name, base_weights=base_weights, notes=notes)
+                   peak_at=loss_name if loss_peak else layer_name, base_weights=base_weights, keep_decoded=keep,
+                   notes=notes)
+    if keep and not fits and keep_decoded is None:  # decoding again in the backward may fit: slower, not out
+        slower = estimate(cfg, arch, gpu_gib, world_size, on_gpu=on_gpu, search_fix=search_fix, plain_hf=plain_hf,
+                          keep_decoded=False)
+        slower.notes.append(say("memory.note.decode_again", gib=(decoded - max(expert_sizes)) / GIB))
+        return slower
     if not fits and search_fix:
         est.fix = find_fix(cfg, arch, gpu_gib, n, on_gpu)
     if search_fix and gpu_gib is not None:

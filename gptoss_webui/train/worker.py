@@ -211,9 +211,23 @@ def prepare_model(model, cfg: TrainConfig):
         model.config.use_cache = False
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = apply_lora(model, cfg.lora)
+    keep_decoded_experts(model, cfg)
     if cfg.compile:
         compile_layers(model)
     return model
+
+
+def keep_decoded_experts(model, cfg: TrainConfig) -> None:
+    """MXFP4 experts: keep the recomputed layer's decoded weights for its backward (one decode fewer a step)
+    where the estimate says they fit, else decode again there (train/experts.py)."""
+    from gptoss_webui.train.experts import GroupedExperts
+    from gptoss_webui.train.memory import estimate_for_recipe
+
+    experts = [m for m in model.modules() if isinstance(m, GroupedExperts) and m.mxfp4]
+    if experts:
+        keep = estimate_for_recipe(cfg.model_copy(update={"base_weights": "mxfp4"}), search_fix=False).keep_decoded
+        for module in experts:
+            module.keep_decoded = keep
 
 
 def compile_layers(model) -> None:
