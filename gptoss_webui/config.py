@@ -13,6 +13,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from gptoss_webui.messages import Message, joined, say
+
 
 class ConfigError(ValueError):
     """A problem the user fixes in the config or the data, worded for them; the base of every such error
@@ -64,9 +66,7 @@ class LoraConfig(_Strict):
     @model_validator(mode="after")
     def _dropout_with_experts(self) -> LoraConfig:
         if self.dropout > 0 and self.expert_parameters and self.expert_layers != []:
-            raise ValueError(
-                "lora.dropout must be 0 when lora.expert_parameters is set: peft's target_parameters path "
-                "refuses dropout. Set lora.dropout=0, or lora.expert_parameters=[] to train attention only")
+            raise ValueError(say("config.lora_dropout"))
         return self
 
 
@@ -96,8 +96,7 @@ class DeepSpeedConfig(_Strict):
     @model_validator(mode="after")
     def _offload_params_needs_zero3(self) -> DeepSpeedConfig:
         if self.offload_params and self.stage != 3:
-            raise ValueError("deepspeed.offload_params needs deepspeed.stage=3 (ZeRO-2 never shards or "
-                             "offloads the weights)")
+            raise ValueError(say("config.offload_params"))
         return self
 
 
@@ -137,14 +136,14 @@ class TrainConfig(_Strict):
         if self.compile and self.deepspeed.enabled and self.deepspeed.stage == 3:
             # ZeRO-3 gathers each layer's weights in module hooks, which would run inside the compiled layer;
             # only ZeRO-2 and no DeepSpeed were run with compile (bench/README.md).
-            raise ValueError("compile is not supported with deepspeed.stage=3: turn one of them off")
+            raise ValueError(say("config.compile_zero3"))
         return self
 
     @field_validator("run_name")
     @classmethod
     def _safe_run_name(cls, v: str | None) -> str | None:
         if v is not None and (not v or "/" in v or v.startswith(".")):
-            raise ValueError("run_name must be a plain folder name (no '/', not starting with '.')")
+            raise ValueError(say("config.run_name"))
         return v
 
 
@@ -189,20 +188,20 @@ class Recipe(_Strict):
     def from_yaml(cls, path: str | Path, overrides: list[str] | None = None) -> Recipe:
         path = Path(path)
         if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
+            raise ConfigError(say("config.not_found", path=path))
         try:
             data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
-            where = f" line {mark.line + 1}" if mark else ""
-            raise ConfigError(f"{path}{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+            where = say("config.yaml_line", path=path, line=mark.line + 1) if mark else str(path)
+            raise ConfigError(say("config.bad_yaml", where=where, problem=getattr(exc, "problem", exc))) from None
         if not isinstance(data, dict):
-            raise ConfigError(f"{path}: expected a mapping with 'train:' and 'serve:' sections")
+            raise ConfigError(say("config.not_mapping", path=path))
         return cls.from_dict(data, overrides, source=str(path))
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], overrides: list[str] | None = None,
-                  source: str = "config") -> Recipe:
+                  source: str | Message = "config") -> Recipe:
         data = _deep_copy(data)
         for item in overrides or []:
             apply_override(data, item)
@@ -245,11 +244,11 @@ def in_section(items: list[str], section: str) -> list[str]:
 def apply_override(data: dict[str, Any], item: str) -> None:
     """Apply one `dotted.key=value` to a nested dict; the value is parsed as YAML (so 16, true, [a, b])."""
     if "=" not in item:
-        raise ConfigError(f"override '{item}' must look like key=value, e.g. train.lora.r=16")
+        raise ConfigError(say("config.override_form", item=item))
     key, raw = item.split("=", 1)
     parts = [p for p in key.strip().split(".") if p]
     if not parts:
-        raise ConfigError(f"override '{item}' has an empty key")
+        raise ConfigError(say("config.override_empty", item=item))
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
@@ -258,27 +257,70 @@ def apply_override(data: dict[str, Any], item: str) -> None:
     for part in parts[:-1]:
         child = node.setdefault(part, {})
         if not isinstance(child, dict):
-            raise ConfigError(f"override '{item}': '{part}' is not a section")
+            raise ConfigError(say("config.override_not_section", item=item, part=part))
         node = child
     node[parts[-1]] = value
 
 
-def format_validation_error(exc: ValidationError, source: str, overrides: list[str] = ()) -> str:
-    """One line per error, each blamed on where the value came from: the `--set` item that set it, else `source`."""
+def _pydantic_kinds(ctx: dict[str, Any]) -> dict[str, Message]:
+    """pydantic's common error kinds, worded from their context (ctx); each English template is pydantic's own
+    text, and a message whose English comes out different from pydantic's is shown as pydantic words it."""
+    # pydantic shows a bound of 0.0 as 0
+    ctx = {k: int(v) if isinstance(v, float) and v.is_integer() else v for k, v in ctx.items()}
+    return {
+        "missing": say("config.pydantic.missing"),
+        "greater_than": say("config.pydantic.greater_than", gt=ctx.get("gt")),
+        "greater_than_equal": say("config.pydantic.greater_than_equal", ge=ctx.get("ge")),
+        "less_than": say("config.pydantic.less_than", lt=ctx.get("lt")),
+        "less_than_equal": say("config.pydantic.less_than_equal", le=ctx.get("le")),
+        "int_parsing": say("config.pydantic.int_parsing"),
+        "int_from_float": say("config.pydantic.int_from_float"),
+        "int_type": say("config.pydantic.int_type"),
+        "float_parsing": say("config.pydantic.float_parsing"),
+        "float_type": say("config.pydantic.float_type"),
+        "bool_parsing": say("config.pydantic.bool_parsing"),
+        "bool_type": say("config.pydantic.bool_type"),
+        "string_type": say("config.pydantic.string_type"),
+        "list_type": say("config.pydantic.list_type"),
+        "dict_type": say("config.pydantic.dict_type"),
+        "model_type": say("config.pydantic.model_type", name=ctx.get("class_name")),
+        "literal_error": say("config.pydantic.literal_error", expected=ctx.get("expected")),
+    }
+
+
+def _pydantic_message(err: dict[str, Any]) -> Message | str:
+    """What pydantic says about one error, as a Message where we word that kind, else its English as is."""
+    ctx = err.get("ctx") or {}
+    if err["type"] == "value_error" and isinstance(ctx.get("error"), ValueError):
+        args = ctx["error"].args  # our validators raise ValueError(say(...))
+        if len(args) == 1 and isinstance(args[0], Message):
+            return args[0]
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "literal_error":  # shown after "got <value>; ", so in lower case
+        msg = f"{msg[0].lower()}{msg[1:]}"
+    worded = _pydantic_kinds(ctx).get(err["type"])
+    return worded if worded is not None and str(worded) == msg else msg
+
+
+def format_validation_error(exc: ValidationError, source: str | Message, overrides: list[str] = ()) -> Message | None:
+    """One line per error, each blamed on where the value came from: the `--set` item that set it, else `source`.
+    The field path and the values stay as written; the words around them are in the reader's language."""
     set_by = {".".join(p for p in item.split("=", 1)[0].strip().split(".") if p): item for item in overrides}
     lines = []
     for err in exc.errors():
-        field = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        item = next((v for k, v in set_by.items() if field == k or field.startswith(k + ".")), None)
-        msg = err["msg"].removeprefix("Value error, ")
+        path = ".".join(str(p) for p in err["loc"])
+        field = path or say("config.top_level")
+        item = next((v for k, v in set_by.items() if path == k or path.startswith(k + ".")), None) if path else None
+        msg = _pydantic_message(err)
         if err["type"] == "extra_forbidden":
             parent = _model_at(Recipe, err["loc"][:-1])
             allowed = ", ".join(parent.model_fields) if parent else "?"
-            msg = f"unknown field; allowed here: {allowed}"
+            msg = say("config.unknown_field", allowed=allowed)
         elif err["type"] == "literal_error":
-            msg = f"got {err.get('input')!r}; {msg[0].lower()}{msg[1:]}"
-        lines.append(f"--set {item}: {field}: {msg}" if item else f"{source}: {field}: {msg}")
-    return "\n".join(lines)
+            msg = say("config.got", input=repr(err.get("input")), msg=msg)
+        lines.append(say("config.error.set", item=item, field=field, msg=msg) if item else
+                     say("config.error.source", source=source, field=field, msg=msg))
+    return joined(lines, "config.lines")
 
 
 def _model_at(model: type[BaseModel], loc: tuple) -> type[BaseModel] | None:

@@ -174,3 +174,21 @@ def test_collator_restarts_positions_and_pads_to_a_multiple_for_flex_attention()
     assert out["labels"][0, :5].tolist() == [-100, 6, 7, -100, 9] and out["labels"][1, 0] == IGNORE_INDEX
     assert (out["labels"][:, 5:] == IGNORE_INDEX).all()
     assert DocumentCollator(pad_id=0)(batch)["input_ids"].shape == (2, 5)
+
+
+def test_a_bad_row_reads_in_chinese_with_its_line(tmp_path, tokenizer):
+    from gptoss_webui.messages import text
+
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"text": "ok"}\n\n{"messages": [{"role": "bot", "content": "x"}]}\n', encoding="utf-8")
+    with pytest.raises(DataError) as info:
+        prepare(DataConfig(path=str(path), format="messages"), tokenizer)
+    assert str(info.value) == "d.jsonl line 1: 'messages' rows need a 'messages' list; this row has ['text'] " \
+        "(data.format: auto detects alpaca and text rows)"
+    assert text(info.value, "zh") == ("d.jsonl 第 1 行：'messages' 格式的行需要一个 'messages' 列表；这一行的字段是 "
+                                      "['text']（data.format: auto 会自动识别 alpaca 和 text 格式的行）")
+    path.write_text('{"messages": [{"role": "bot", "content": "x"}]}\n', encoding="utf-8")
+    with pytest.raises(DataError) as info:
+        prepare(DataConfig(path=str(path)), tokenizer)
+    assert text(info.value, "zh") == ("d.jsonl 第 1 行：messages[0].role 是 'bot'；允许的值：system, developer, user, "
+                                      "assistant")

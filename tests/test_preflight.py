@@ -138,3 +138,14 @@ def test_visible_cards_are_the_ones_deepspeed_starts(monkeypatch, tmp_path):
     assert cmd[1:3] == ["--include", "localhost:3"] and "--num_gpus" not in cmd
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
     assert launcher.deepspeed_command(Run(tmp_path), cfg)[1:3] == ["--num_gpus", "1"]
+
+
+def test_lora_and_attention_refusals_read_in_chinese(tmp_path):
+    from gptoss_webui.messages import text
+
+    with pytest.raises(LoraTargetError) as info:
+        _launch(tmp_path, "train.lora.expert_layers=[5]")
+    assert text(info.value, "zh") == "lora.expert_layers [5] 超出范围：模型的层为 0..1"
+    with pytest.raises(AttentionError) as info:
+        choose_attention("sdpa", "gpt_oss", on_gpu=True)
+    assert text(info.value, "zh").startswith("transformers 不允许 gpt-oss 使用 attention=sdpa（注意力 sink）")

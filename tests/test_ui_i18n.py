@@ -91,8 +91,9 @@ def test_every_message_reads_in_chinese():
     from gptoss_webui.messages import say
 
     en, zh = MESSAGES.table("en"), MESSAGES.table("zh")
-    assert {k for k in en if en[k] == zh[k]} == {"memory.plus", "memory.setup.zero"}
-    joiners = {"memory.plus", "memory.setup.zero", "list.and", "memory.verdict.remedy"}  # punctuation only
+    assert {k for k in en if en[k] == zh[k]} == {"memory.plus", "memory.setup.zero", "config.lines"}
+    # punctuation only
+    joiners = {"memory.plus", "memory.setup.zero", "list.and", "memory.verdict.remedy", "config.lines"}
     assert not [k for k in zh if k not in joiners and not re.search(r"[\u4e00-\u9fff]", zh[k])]
     verdict = say("memory.verdict.remedy", verdict=say("memory.verdict.no_fit", total=30.04, over=6.5, gpu=23.5),
                   remedy=say("memory.no_fix"))

@@ -174,6 +174,33 @@ def test_data_and_launch_errors_are_worded_in_the_page_language(tmp_path):
     assert reason.startswith("❌ 无法开始：deepspeed.offload_optimizer 把优化器状态从 GPU 显存移到 CPU 内存")
 
 
+def test_row_lora_and_config_errors_are_worded_in_the_page_language(tmp_path):
+    """A bad data row (with its line), a LoRA target and a config value the form cannot take read in Chinese."""
+    from gptoss_webui.paths import workspace_dir
+    from gptoss_webui.ui.form import form_values
+
+    runs = str(tmp_path / "runs")
+    bad = workspace_dir() / "data" / "uploads" / f"bad-row-{tmp_path.name}.jsonl"
+    bad.parent.mkdir(parents=True, exist_ok=True)
+    bad.write_text('{"messages": [{"role": "assistant", "content": "a"}]}\n{"messages": oops}\n', encoding="utf-8")
+    try:
+        recipe = load_preset("tiny-cpu-demo", [f"train.data.path={bad}", "train.data.max_samples=2"])
+        _, said = train_tab.on_start(runs, "zh", False, recipe.model_dump(mode="json"), "", *form_values(recipe))
+    finally:
+        bad.unlink()
+    assert said.startswith(f"❌ 无法开始：{bad} 第 2 行：不是有效的 JSON（第 14 列：Expecting value）"), said
+
+    recipe = load_preset("tiny-cpu-demo", ["train.lora.target_modules=[q_proj,query]"])
+    _, said = train_tab.on_start(runs, "zh", False, recipe.model_dump(mode="json"), "", *form_values(recipe))
+    assert "未知的 LoRA 目标模块 ['query']；此模型的线性模块有：" in said, said
+
+    recipe = load_preset("tiny-cpu-demo")
+    gate = train_tab.refresh(runs, "zh", False, recipe.model_dump(mode="json"), "lora.r=0\nlora.bogus=1",
+                             *form_values(recipe))
+    assert "表单：字段 train.lora.r：输入应大于或等于 1" in gate[0], gate[0]
+    assert "字段 train.lora.bogus：未知字段；此处允许的字段：r, alpha, dropout" in gate[0], gate[0]
+
+
 def test_the_serve_tab_shows_the_served_model_and_compare_never_pits_a_model_against_itself():
     from gptoss_webui.serve.state import EngineInfo
     from gptoss_webui.ui.chat_tab import compare_choices

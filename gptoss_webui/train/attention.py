@@ -13,6 +13,7 @@ import functools
 import importlib.util
 
 from gptoss_webui.config import ConfigError
+from gptoss_webui.messages import say
 
 
 class AttentionError(ConfigError):
@@ -26,18 +27,13 @@ def choose_attention(requested: str, model_type: str, on_gpu: bool) -> str:
             return "flex_attention" if on_gpu else "eager"
         return "sdpa"
     if is_gpt_oss and requested == "flash_attention_2":
-        raise AttentionError(
-            "attention=flash_attention_2 cannot run gpt-oss: FlashAttention 2 has no attention sinks, which "
-            "gpt-oss uses in every layer. Use auto (flex_attention on a GPU) or eager")
+        raise AttentionError(say("attention.flash_gpt_oss"))
     if is_gpt_oss and requested == "sdpa":
-        raise AttentionError("attention=sdpa is refused by transformers for gpt-oss (attention sinks); "
-                             "use auto, flex_attention (GPU) or eager")
+        raise AttentionError(say("attention.sdpa_gpt_oss"))
     if is_gpt_oss and requested == "flex_attention" and not on_gpu:
-        raise AttentionError("attention=flex_attention with gpt-oss's sinks runs only on a GPU in "
-                             "transformers; on the CPU use eager (or auto)")
+        raise AttentionError(say("attention.flex_cpu"))
     if requested == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
-        raise AttentionError("attention=flash_attention_2 needs the flash-attn package (GPU hosts: "
-                             "pip install flash-attn); or use auto")
+        raise AttentionError(say("attention.flash_missing"))
     return requested
 
 

@@ -35,7 +35,7 @@ class DataError(ConfigError):
 
 @dataclass
 class Row:
-    source: str  # "file.jsonl line 12" / "dataset row 3": where to look when it is wrong
+    source: Message  # "file.jsonl line 12" / "dataset row 3": where to look when it is wrong
     data: dict[str, Any]
 
 
@@ -84,39 +84,41 @@ def _read_local(path: Path) -> list[Row]:
                 try:
                     obj = json.loads(line)
                 except json.JSONDecodeError as exc:
-                    raise DataError(f"{path} line {n}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+                    raise DataError(say("data.bad_json_line", path=path, line=n, error=exc.msg,
+                                             column=exc.colno)) from None
                 if not isinstance(obj, dict):
-                    raise DataError(f"{path} line {n}: expected a JSON object, got {type(obj).__name__}")
-                rows.append(Row(f"{path.name} line {n}", obj))
+                    raise DataError(say("data.line_not_object", path=path, line=n, type=type(obj).__name__))
+                rows.append(Row(say("data.source.line", file=path.name, line=n), obj))
         return rows
     if suffix == ".json":
         try:
             obj = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as exc:
-            raise DataError(f"{path} line {exc.lineno}: not valid JSON ({exc.msg})") from None
+            raise DataError(say("data.bad_json", path=path, line=exc.lineno, error=exc.msg)) from None
         if isinstance(obj, dict) and isinstance(obj.get("data"), list):
             obj = obj["data"]
         if not isinstance(obj, list):
-            raise DataError(f"{path}: expected a JSON list of rows (or {{\"data\": [...]}})")
-        return [_row(f"{path.name} row {i}", r) for i, r in enumerate(obj, 1)]
+            raise DataError(say("data.not_list", path=path))
+        return [_row(say("data.source.row", file=path.name, row=i), r) for i, r in enumerate(obj, 1)]
     if suffix == ".csv":
         with open(path, encoding="utf-8", newline="") as fh:
             # Row 1 is the header, so data row i sits on line i + 1.
-            return [Row(f"{path.name} line {i + 1}", dict(r)) for i, r in enumerate(csv.DictReader(fh), 1)]
+            return [Row(say("data.source.line", file=path.name, line=i + 1), dict(r))
+                    for i, r in enumerate(csv.DictReader(fh), 1)]
     if suffix == ".parquet":
         import pyarrow.parquet as pq
 
         try:
             table = pq.read_table(path)
         except Exception as exc:  # pyarrow raises several types for a corrupt file
-            raise DataError(f"{path}: not a readable Parquet file ({exc})") from None
-        return [_row(f"{path.name} row {i}", r) for i, r in enumerate(table.to_pylist(), 1)]
-    raise DataError(f"{path}: unsupported file type '{suffix}'; use one of {', '.join(LOCAL_SUFFIXES)}")
+            raise DataError(say("data.bad_parquet", path=path, error=exc)) from None
+        return [_row(say("data.source.row", file=path.name, row=i), r) for i, r in enumerate(table.to_pylist(), 1)]
+    raise DataError(say("data.bad_suffix", path=path, suffix=suffix, suffixes=", ".join(LOCAL_SUFFIXES)))
 
 
-def _row(source: str, obj: Any) -> Row:
+def _row(source: Message, obj: Any) -> Row:
     if not isinstance(obj, dict):
-        raise DataError(f"{source}: expected an object with fields, got {type(obj).__name__}")
+        raise DataError(say("data.row_not_object", source=source, type=type(obj).__name__))
     return Row(source, obj)
 
 
@@ -126,11 +128,8 @@ def _read_hub(name: str, split: str) -> list[Row]:
 
         ds = datasets.load_dataset(name, split=split)
     except Exception as exc:  # offline, unknown name, unknown split: all say the same to the user
-        raise DataError(
-            f"could not load dataset '{name}' (split '{split}'): {str(exc).splitlines()[0][:300]}. "
-            "Use a local .jsonl/.json/.csv/.parquet file, or a dataset already in the datasets cache."
-        ) from None
-    return [Row(f"{name} row {i}", dict(r)) for i, r in enumerate(ds, 1)]
+        raise DataError(say("data.hub", name=name, split=split, error=str(exc).splitlines()[0][:300])) from None
+    return [Row(say("data.source.row", file=name, row=i), dict(r)) for i, r in enumerate(ds, 1)]
 
 
 # --- checking and converting to conversations -----------------------------------------------------
@@ -143,9 +142,7 @@ def detect_format(row: Row) -> str:
         return "alpaca"
     if "text" in keys:
         return "text"
-    raise DataError(
-        f"{row.source}: cannot tell the format from fields {sorted(keys)}; expected 'messages' "
-        "(harmony chat), 'instruction'+'output' (alpaca) or 'text'")
+    raise DataError(say("data.unknown_format", source=row.source, fields=sorted(keys)))
 
 
 def to_messages(row: Row, fmt: str) -> list[dict[str, str]] | str:
@@ -154,41 +151,38 @@ def to_messages(row: Row, fmt: str) -> list[dict[str, str]] | str:
     if fmt == "text":
         text = d.get("text")
         if not isinstance(text, str) or not text.strip():
-            raise DataError(f"{row.source}: 'text' must be a non-empty string")
+            raise DataError(say("data.text_empty", source=row.source))
         return text
     if fmt == "alpaca":
         if not {"instruction", "output"} <= set(d):
-            raise DataError(f"{row.source}: alpaca rows need the fields 'instruction' and 'output' ('input' is "
-                            f"optional); this row has {sorted(d)}")
+            raise DataError(say("data.alpaca_fields", source=row.source, fields=sorted(d)))
         for key in ("instruction", "output"):
             if not isinstance(d.get(key), str) or not d[key].strip():
-                raise DataError(f"{row.source}: alpaca rows need a non-empty string '{key}'")
+                raise DataError(say("data.alpaca_empty", source=row.source, field=key))
         prompt = d["instruction"] if not d.get("input") else f"{d['instruction']}\n\n{d['input']}"
         return [{"role": "user", "content": prompt}, {"role": "assistant", "content": d["output"]}]
     messages = d.get("messages")
     if "messages" not in d:
-        raise DataError(f"{row.source}: 'messages' rows need a 'messages' list; this row has {sorted(d)} "
-                        "(data.format: auto detects alpaca and text rows)")
+        raise DataError(say("data.messages_missing", source=row.source, fields=sorted(d)))
     if not isinstance(messages, list) or not messages:
-        raise DataError(f"{row.source}: 'messages' must be a non-empty list")
+        raise DataError(say("data.messages_empty", source=row.source))
     out = []
     for i, m in enumerate(messages):
         if not isinstance(m, dict):
-            raise DataError(f"{row.source}: messages[{i}] must be an object with 'role' and 'content'")
+            raise DataError(say("data.message_not_object", source=row.source, index=i))
         role, content = m.get("role"), m.get("content")
         if role not in ROLES:
-            raise DataError(f"{row.source}: messages[{i}].role is {role!r}; allowed: {', '.join(ROLES)}")
+            raise DataError(say("data.bad_role", source=row.source, index=i, role=repr(role), roles=", ".join(ROLES)))
         if not isinstance(content, str):
-            raise DataError(f"{row.source}: messages[{i}].content must be a string")
+            raise DataError(say("data.content_not_string", source=row.source, index=i))
         msg = {"role": role, "content": content}
         if m.get("thinking"):
             if role != "assistant" or not isinstance(m["thinking"], str):
-                raise DataError(f"{row.source}: messages[{i}].thinking must be a string on an assistant turn")
+                raise DataError(say("data.bad_thinking", source=row.source, index=i))
             msg["thinking"] = m["thinking"]
         out.append(msg)
     if out[-1]["role"] != "assistant":
-        raise DataError(f"{row.source}: the last message must be the assistant's answer to train on "
-                        f"(it is '{out[-1]['role']}')")
+        raise DataError(say("data.last_not_assistant", source=row.source, role=out[-1]["role"]))
     return out
 
 
@@ -201,19 +195,17 @@ def _ids(encoded: Any) -> list[int]:
     return list(encoded)
 
 
-def tokenize(tokenizer: Any, sample: list[dict[str, str]] | str, max_length: int, source: str) -> Example:
+def tokenize(tokenizer: Any, sample: list[dict[str, str]] | str, max_length: int, source: Message | str) -> Example:
     if isinstance(sample, str):
         ids = tokenizer(sample, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         ids = ids[:max_length]
         return Example(ids, list(ids))
     if not getattr(tokenizer, "chat_template", None):
-        raise DataError("the tokenizer has no chat template, so 'messages'/alpaca rows cannot be rendered; "
-                        "use a chat model's tokenizer or the 'text' format")
+        raise DataError(say("data.no_chat_template"))
     full = _ids(tokenizer.apply_chat_template(sample, tokenize=True))
     prompt = _ids(tokenizer.apply_chat_template(sample[:-1], tokenize=True, add_generation_prompt=True))
     if full[: len(prompt)] != prompt:
-        raise DataError(f"{source}: the chat template renders the prompt differently on its own than inside "
-                        "the full conversation, so the assistant tokens cannot be located")
+        raise DataError(say("data.template_mismatch", source=source))
     labels = [IGNORE_INDEX] * len(prompt) + full[len(prompt):]
     full, labels = full[:max_length], labels[:max_length]
     return Example(full, labels)

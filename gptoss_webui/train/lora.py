@@ -15,6 +15,7 @@ from typing import Any
 from torch import nn
 
 from gptoss_webui.config import ConfigError, LoraConfig
+from gptoss_webui.messages import say
 from gptoss_webui.mxfp4 import EXPERT_WEIGHTS
 
 _LAYER = re.compile(r"\.layers\.(\d+)\.")
@@ -60,15 +61,13 @@ def build_peft_config(cfg: LoraConfig, model: nn.Module) -> tuple[Any, list[str]
     targets = find_targets(model)
     unknown = [m for m in cfg.target_modules if m not in targets.modules]
     if unknown:
-        raise LoraTargetError(
-            f"unknown LoRA target module(s) {unknown}; this model's linear modules are: "
-            f"{', '.join(targets.modules) or '(none)'}")
+        raise LoraTargetError(say("lora.unknown_modules", unknown=unknown,
+                                  modules=", ".join(targets.modules) or say("lora.none")))
     expert_names = _expert_parameter_names(cfg, targets)
     if not cfg.target_modules and not expert_names:
-        raise LoraTargetError("nothing to train: set lora.target_modules and/or lora.expert_parameters")
+        raise LoraTargetError(say("lora.nothing"))
     if not cfg.target_modules:
-        raise LoraTargetError("lora.target_modules is empty: LoRA needs at least one attention module "
-                              f"({', '.join(targets.modules) or 'none here'}); expert LoRA comes on top of it")
+        raise LoraTargetError(say("lora.no_modules", modules=", ".join(targets.modules) or say("lora.none_here")))
     peft_config = PeftLoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
                                  target_modules=list(cfg.target_modules), bias="none", task_type="CAUSAL_LM")
     return peft_config, expert_names
@@ -102,18 +101,15 @@ def _expert_parameter_names(cfg: LoraConfig, targets: Targets) -> list[str]:
     if not cfg.expert_parameters or cfg.expert_layers == []:
         return []
     if not targets.expert_parameters:
-        raise LoraTargetError(
-            f"lora.expert_parameters={cfg.expert_parameters} but this model has no fused expert parameters "
-            "(it is not a gpt-oss MoE); set lora.expert_parameters=[]")
+        raise LoraTargetError(say("lora.no_experts", parameters=cfg.expert_parameters))
     unknown = [p for p in cfg.expert_parameters if p not in targets.expert_parameters]
     if unknown:
-        raise LoraTargetError(f"unknown expert parameter(s) {unknown}; this model has: "
-                              f"{', '.join(sorted(targets.expert_parameters))}")
+        raise LoraTargetError(say("lora.unknown_experts", unknown=unknown,
+                                  names=", ".join(sorted(targets.expert_parameters))))
     if cfg.expert_layers != "all":
         bad = [i for i in cfg.expert_layers if not 0 <= i < targets.layers]
         if bad:
-            raise LoraTargetError(f"lora.expert_layers {bad} out of range: the model has layers "
-                                  f"0..{targets.layers - 1}")
+            raise LoraTargetError(say("lora.layers_out_of_range", bad=bad, last=targets.layers - 1))
     names = []
     for short in cfg.expert_parameters:
         for full in targets.expert_parameters[short]:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from gptoss_webui.config import ConfigError, Recipe, ServeConfig, apply_override, in_section
+from gptoss_webui.messages import say
 from gptoss_webui.paths import workspace_dir
 
 Widget = str  # int, float, check, radio, dropdown, multi, layers, text, model, data
@@ -59,8 +60,7 @@ def parse_layers(raw: Any) -> list[int] | str:
     try:
         return [int(p) for p in text.replace(",", " ").split()]
     except ValueError:
-        raise ConfigError(f"train.lora.expert_layers: expected 'all' or layer numbers like 7, 15, 23; "
-                          f"got {text!r}") from None
+        raise ConfigError(say("config.expert_layers_form", got=repr(text))) from None
 
 
 def config_choices(path: str) -> tuple[Any, ...]:
@@ -167,7 +167,7 @@ def recipe_from_form(base: dict[str, Any], values: list[Any], extra: str, runs_d
         apply_override(data, item)
     # The app owns where runs go (its --runs-dir), so the UI and the CLI find the same runs.
     data["train"]["runs_dir"] = str(runs_dir)
-    return Recipe.from_dict(data, source="form")
+    return Recipe.from_dict(data, source=say("config.source_form"))
 
 
 def serve_from_form(base: dict[str, Any], fields: list[FormField], values: list[Any]) -> ServeConfig:
@@ -175,7 +175,7 @@ def serve_from_form(base: dict[str, Any], fields: list[FormField], values: list[
     data = {"serve": dict(base or {})}
     for field, value in zip(fields, values, strict=True):
         set_path(data, field.path, field.to_config(value))
-    return Recipe.from_dict(data, source="form").serve
+    return Recipe.from_dict(data, source=say("config.source_form")).serve
 
 
 def apply_to_form(values: list[Any], extra: str, overrides: list[str]) -> tuple[list[Any], str]:

@@ -56,7 +56,7 @@ def estimate_view(recipe: Recipe, force: bool, lang: str) -> tuple[str, str, boo
     try:
         est = estimate_for_recipe(recipe.train)
     except ConfigError as exc:  # e.g. an architecture it cannot read: launch will say more
-        return t("train.estimate_failed", lang, error=exc), "", True, "", []
+        return t("train.estimate_failed", lang, error=text(exc, lang)), "", True, "", []
     except Exception as exc:  # a bug in the estimate must not lock the form
         return t("train.estimate_failed", lang, error=f"{type(exc).__name__}: {exc}"), "", True, "", []
     if est.gpu_gib is None:
