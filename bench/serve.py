@@ -137,7 +137,7 @@ def measure(engine: Engine, row: dict, session: Session, args: argparse.Namespac
         row["hotload_s"] = round(time.perf_counter() - t, 3)
         engine.unload_adapter(ADAPTER)
         check = engine.load_adapter(ADAPTER, session.adapter, check=True)
-        row.update(adapter_changed=check.changed, check=check.message)
+        row.update(adapter_changed=check.changed, check=str(check.message))
     model = row["model"] = ADAPTER if row["stage"] == "hotload" else engine.info.served_name
     throughput(engine, model, WARMUP_REQUESTS, args.prompt_tokens, args.output_tokens, f"{model}/warm-up")
     try:  # a random-weight gpt-oss may trip vLLM's harmony parser: the throughput still counts
@@ -172,9 +172,9 @@ def run_session(session: Session, stages: list[str], args: argparse.Namespace, s
             said: list[str] = []  # merged: "reused the merged model ..." shows it serves the merge timed above
             if session.name == "merged":
                 info = engine.start(config, adapters={ADAPTER: session.adapter}, adapter_mode="merge",
-                                    progress=said.append)
+                                    progress=lambda m: said.append(str(m)))
             else:  # LoRA on whenever the architecture allows it, as in the app
-                info = engine.start(config, progress=said.append)
+                info = engine.start(config, progress=lambda m: said.append(str(m)))
             rows[0].update(start_s=round(info.ready_at - info.started_at, 1), lora_enabled=info.lora_enabled,
                            notes=info.notes + said)
         except Exception as exc:  # no row of this session can run

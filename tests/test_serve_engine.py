@@ -270,7 +270,7 @@ def test_hotload_matches_hf_peft_and_unloads(engine, adapters, reference):
 def test_noop_adapter_is_flagged(engine, adapters):
     check = engine.load_adapter("noop", adapters["noop"])
     assert not check.changed
-    assert check.message.startswith("WARNING") and "base model" in check.message
+    assert str(check.message).startswith("WARNING") and "base model" in str(check.message)
     engine.unload_adapter("noop")
 
 
@@ -296,7 +296,7 @@ def test_the_ui_control_does_what_the_policy_says_and_says_why(engine, adapters)
     control.serve_adapter(cpu_serve_config("demo:tiny-dense"), "tuned2", str(adapters["tuned"]), "auto")
     wait_for(lambda: not control.busy, 120, "the serve task")
     assert control.snapshot().task.error is None
-    assert control.snapshot().task.messages == [
+    assert [str(m) for m in control.snapshot().task.messages] == [
         "vLLM can serve LoRA adapters for this model at run time; loading it into the running engine",
         "adapter 'tuned2' loaded; it changes the model's output"]
     assert engine.status().pid == control.engine.info.pid and "tuned2" in engine.models()
@@ -349,7 +349,7 @@ def test_auto_mode_merges_on_cpu_and_says_why(oss_engine, oss_adapter):
     assert info.adapter_mode == "merge" and not info.lora_enabled
     assert info.merged_from == {"pirate": str(oss_adapter)}
     assert info.served_name == "pirate" and oss_engine.models() == ["pirate"]
-    said = " ".join(oss_engine.progress_messages + info.notes)
+    said = " ".join(map(str, oss_engine.progress_messages + info.notes))
     assert "cannot run LoRA on gpt-oss" in said and "Triton" in said
     assert "merged model reproduces the adapter's logits" in said
     assert "--enable-lora" not in info.command

@@ -3,6 +3,7 @@ environment, CLI parsing, and `merge --run` on a real run folder (peft adapter, 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import threading
@@ -66,7 +67,7 @@ def test_auto_mode_merges_gpt_oss_on_cpu_and_hotloads_elsewhere(tmp_path):
         return policy.plan_adapters("m", model_cfg, adapters, requested, cfg, cpu)
 
     merge = mode(GPT_OSS, adapters, "auto", cpu=True)
-    assert merge.mode == "merge" and "Triton" in merge.reason
+    assert merge.mode == "merge" and "Triton" in str(merge.reason)
     assert mode(GPT_OSS, adapters, "auto", cpu=False).mode == "hotload"
     assert mode(LLAMA, adapters, "auto", cpu=True).mode == "hotload"
     assert mode(LLAMA, adapters, "merge", cpu=True).mode == "merge"
@@ -83,29 +84,33 @@ def test_auto_merges_expert_lora_on_a_gpu_from_the_measured_concurrency(tmp_path
     experts = adapter_dir(tmp_path / "experts", target_parameters=["mlp.experts.gate_up_proj"])
     attention = adapter_dir(tmp_path / "attention", target_parameters=None)
     many, few = ServeConfig(max_concurrency=64), ServeConfig(max_concurrency=8)
-    mode, why = policy.choose_mode("m", GPT_OSS, experts, "auto", many, cpu=False)
+    def choose(*args, **kwargs):  # the reason as the CLI prints it
+        mode, why = policy.choose_mode(*args, **kwargs)
+        return mode, str(why)
+
+    mode, why = choose("m", GPT_OSS, experts, "auto", many, cpu=False)
     assert mode == "merge"
     assert why == ("merging: expert LoRA decoded at 0.47x the base hot-loaded at 64 concurrent requests (H100, "
                    "vLLM 0.26), and serve.max_concurrency is 64 (merge from 16)")
-    assert policy.choose_mode("m", GPT_OSS, experts, "auto", few, cpu=False) == (
+    assert choose("m", GPT_OSS, experts, "auto", few, cpu=False) == (
         "hotload", "hot-loading: the adapter has expert LoRA, but serve.max_concurrency 8 is below 16, where "
         "merging was measured to pay")
-    assert policy.choose_mode("m", GPT_OSS, attention, "auto", many, cpu=False)[0] == "hotload"
-    assert policy.choose_mode("m", GPT_OSS, experts, "hotload", many, cpu=False) == ("hotload", "hot-load requested")
-    assert policy.choose_mode("m", GPT_OSS, attention, "merge", few, cpu=False) == ("merge", "merge requested")
+    assert choose("m", GPT_OSS, attention, "auto", many, cpu=False)[0] == "hotload"
+    assert choose("m", GPT_OSS, experts, "hotload", many, cpu=False) == ("hotload", "hot-load requested")
+    assert choose("m", GPT_OSS, attention, "merge", few, cpu=False) == ("merge", "merge requested")
     # The CPU build keeps its rule: hot-load where vLLM runs LoRA for the architecture, else merge.
-    assert policy.choose_mode("m", LLAMA, experts, "auto", many, cpu=True)[0] == "hotload"
-    assert policy.choose_mode("m", GPT_OSS, attention, "auto", few, cpu=True)[0] == "merge"
+    assert choose("m", LLAMA, experts, "auto", many, cpu=True)[0] == "hotload"
+    assert choose("m", GPT_OSS, attention, "auto", few, cpu=True)[0] == "merge"
     # Two adapters where one would be merged: a merged model holds one, so both are hot-loaded.
     both = policy.plan_adapters("m", GPT_OSS, {"e": experts, "a": attention}, "auto", many, cpu=False)
-    assert both.mode == "hotload" and both.reason.startswith("2 adapters, hot-loaded together")
+    assert both.mode == "hotload" and str(both.reason).startswith("2 adapters, hot-loaded together")
 
 
 def test_a_merge_that_would_not_fit_the_gpus_is_hot_loaded_instead():
     h100 = [Gpu(0, "H100", 80.0, 0.0), Gpu(1, "H100", 80.0, 0.0)]
     config = ServeConfig(gpu_memory_utilization=0.9)
     assert policy.merge_too_large("openai/gpt-oss-20b", config, h100) == ""
-    too_large = policy.merge_too_large("openai/gpt-oss-120b", config, h100)
+    too_large = str(policy.merge_too_large("openai/gpt-oss-120b", config, h100))
     assert too_large.startswith("merged, its weights would take ") and "more than the 72 GiB vLLM may use on 1 GPU" \
         in too_large
     assert policy.merge_too_large("openai/gpt-oss-120b", config, []) == ""  # sizes unknown here: no opinion
@@ -119,8 +124,9 @@ def test_serving_action_for_each_engine_state(tmp_path):
     running = EngineInfo(state="running", model=dense, model_spec="demo:tiny-dense", served_name="tiny-dense",
                          lora_enabled=True, max_lora_rank=16, pid=1)
 
-    def act(info, path=adapter, mode="auto"):
-        return policy.serving_action(info, config, "a", path, mode, cpu=True)
+    def act(info, path=adapter, mode="auto"):  # the reason as the CLI prints it
+        action = policy.serving_action(info, config, "a", path, mode, cpu=True)
+        return dataclasses.replace(action, reason=str(action.reason))
 
     assert act(EngineInfo()) == policy.Action("start", "hotload", "vLLM can serve LoRA adapters for this model "
                                                                    "at run time")
@@ -312,3 +318,29 @@ def test_status_answers_while_start_merges_and_stop_cancels(tmp_path):
     worker.join(120)
     assert failure and isinstance(failure[0], EngineError) and "cancelled" in str(failure[0])
     assert engine.status().state == "stopped" and engine.info.pid is None  # no engine was launched
+
+
+def test_serve_errors_and_reasons_read_in_the_page_language(tmp_path):
+    """Errors and reasons are Messages: English for the CLI (str), the page's language in the Serve tab, with a
+    quoted cause worded in the same language."""
+    from gptoss_webui.messages import say, text
+    from gptoss_webui.serve.state import EngineError
+    from gptoss_webui.ui.engine_ctl import Snapshot, Task
+    from gptoss_webui.ui.serve_tab import engine_md
+
+    mode, why = policy.choose_mode("m", GPT_OSS, adapter_dir(tmp_path / "a"), "auto", ServeConfig(), cpu=True)
+    assert mode == "merge"
+    assert str(why).startswith("merging the adapter instead: vLLM's CPU build cannot run LoRA on gpt-oss")
+    assert why.render("zh").startswith("改为合并 adapter：vLLM 的 CPU 版本无法在 gpt-oss 上运行 LoRA")
+    missing = str(tmp_path / "nope")
+    with pytest.raises(plan.PlanError) as err:
+        plan.check_model(missing, cpu=True)
+    error = EngineError(say("serving.engine.cannot_start", error=plan.cause(err.value)))
+    assert str(error) == (f"cannot start the engine: model not found: {missing} is neither a folder here nor a "
+                          "hub name like owner/model")
+    assert text(error, "zh") == (f"无法启动引擎：找不到模型：{missing} 既不是本机上的文件夹，也不是 owner/model 形式的 "
+                                 "Hub 名称")
+    task = Task("serve_run", messages=[why], error=error.args[0], done=True)
+    shown = engine_md(Snapshot("stopped", EngineInfo(), task, ""), "zh")
+    assert "- 改为合并 adapter：" in shown and "无法启动引擎：找不到模型" in shown
+    assert "cannot" not in shown

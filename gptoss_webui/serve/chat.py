@@ -22,9 +22,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from gptoss_webui.messages import Message, say
+
 ReasoningEffort = Literal["low", "medium", "high"]
-CUT_OFF = ("the engine stopped answering in the middle of the reply: it may have crashed. The Serve tab shows "
-           "its state and starts it again")
+CUT_OFF = say("serving.chat.cut_off")
 
 
 class ChatError(Exception):
@@ -91,7 +92,7 @@ class ChatReply:
     finish_reason: str | None = None
     done: bool = False
     cancelled: bool = False
-    error: str | None = None
+    error: Message | str | None = None  # str() is English; messages.text(error, lang) for the UI
     started_at: float = field(default_factory=time.time)
     first_token_s: float | None = None  # latency to the first streamed text
     elapsed_s: float = 0.0
@@ -116,7 +117,7 @@ class ChatClient:
         """A client for a running gptoss_webui.serve.engine.Engine."""
         info = engine.status()
         if info.state != "running":
-            raise ChatError(f"the engine is {info.state}: start it first")
+            raise ChatError(say("serving.chat.not_running", state=info.state))
         return cls(info.base_url, engine.api_key, info.model_type)
 
     @property
@@ -152,7 +153,7 @@ class ChatClient:
         try:
             stream = self._client.chat.completions.create(**kwargs)
         except Exception as exc:
-            raise ChatError(f"{model}: {_message(exc)}") from None
+            raise ChatError(say("serving.chat.model_error", model=model, error=_message(exc))) from None
         if cancel is not None:
             cancel.on_cancel(stream.close)  # disconnecting is what makes vLLM abort the request
         try:
@@ -164,8 +165,8 @@ class ChatClient:
         except Exception as exc:
             if not (cancel is not None and cancel.cancelled):  # else: the read was cut by our own close
                 if _cut_off(exc):
-                    raise ChatError(f"{model}: {CUT_OFF}") from None
-                raise ChatError(f"{model}: {_message(exc)}") from None
+                    raise ChatError(say("serving.chat.model_error", model=model, error=CUT_OFF)) from None
+                raise ChatError(say("serving.chat.model_error", model=model, error=_message(exc))) from None
         finally:
             stream.close()
         reply.cancelled = cancel is not None and cancel.cancelled and reply.finish_reason is None
@@ -196,7 +197,7 @@ class ChatClient:
                 for reply in self.stream(messages, model, params, cancel):
                     updates.put(reply)
             except ChatError as exc:
-                updates.put(dataclasses.replace(latest[model], error=str(exc), done=True))
+                updates.put(dataclasses.replace(latest[model], error=exc.args[0] if exc.args else str(exc), done=True))
             finally:
                 updates.put(None)
 
@@ -248,7 +249,7 @@ def _clean(messages: list[dict[str, str]]) -> list[dict[str, str]]:
     out = []
     for m in messages:
         if m.get("role") not in ("system", "developer", "user", "assistant"):
-            raise ChatError(f"unknown message role {m.get('role')!r}")
+            raise ChatError(say("serving.chat.role", role=repr(m.get("role"))))
         out.append({"role": m["role"], "content": m.get("content") or ""})
     return out
 

@@ -28,6 +28,7 @@ from gptoss_webui import processes
 from gptoss_webui.config import ServeConfig
 from gptoss_webui.hardware import visible_ids
 from gptoss_webui.logs import tail
+from gptoss_webui.messages import Message, say
 from gptoss_webui.paths import engine_state_file
 from gptoss_webui.serve import plan, policy, procs
 from gptoss_webui.serve.client import EngineUnreachable, ServerClient, healthy
@@ -37,7 +38,7 @@ from gptoss_webui.serve.state import EngineError, EngineInfo, read_state, stamp,
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
-Progress = Callable[[str], None]
+Progress = Callable[[Message], None]  # a line for the user: str() is English, render(lang) for the UI
 
 
 @dataclass
@@ -45,7 +46,7 @@ class AdapterCheck:
     name: str
     path: str
     changed: bool  # the adapter's greedy probe differs from the base's
-    message: str
+    message: Message  # str() is English
 
 
 class Engine:
@@ -125,21 +126,21 @@ class Engine:
         busy port instead of taking the next free one.
         wait=False returns in state 'starting'; call wait_ready() (it also hot-loads the adapters).
         """
-        say = progress or (lambda _msg: None)
+        tell = progress or (lambda _msg: None)
         with self._lock:
             if self.status().live:
-                raise EngineError(f"an engine is already {self.info.state} ({self.info.served_name or '...'} "
-                                  f"on port {self.info.port}): stop it first")
+                raise EngineError(say("serving.engine.already", state=self.info.state,
+                                      name=self.info.served_name or "...", port=self.info.port))
             previous = self.info
             # Visible to status() from other threads while _prepare runs without the lock.
             self.info = EngineInfo(state="starting", phase="preparing", model_spec=config.model,
                                    host=config.host, start_timeout_s=config.start_timeout_s)
         try:
             info = self._prepare(config, {**config.adapters, **(adapters or {})}, adapter_mode, enable_lora,
-                                 strict_port, say)
+                                 strict_port, tell)
             with self._lock:
                 if self.info.state != "starting":
-                    raise EngineError("the start was cancelled (stop was pressed while preparing)")
+                    raise EngineError(say("serving.engine.cancelled"))
                 self._launch(info, config)
         except BaseException as exc:
             with self._lock:
@@ -148,15 +149,15 @@ class Engine:
                     if isinstance(exc, EngineError):
                         self.info.error = str(exc)
             if isinstance(exc, (plan.PlanError, OSError)):
-                raise EngineError(f"cannot start the engine: {exc}") from None
+                raise EngineError(say("serving.engine.cannot_start", error=plan.cause(exc))) from None
             raise
-        say(f"starting vLLM on {info.base_url} (log: {info.log_path})")
+        tell(say("serving.engine.starting", url=info.base_url, log=info.log_path))
         if wait:
             return self.wait_ready(progress=progress)
         return info
 
     def _prepare(self, config: ServeConfig, adapters: dict[str, str], adapter_mode: policy.AdapterMode,
-                 enable_lora: bool | None, strict_port: bool, say: Progress) -> EngineInfo:
+                 enable_lora: bool | None, strict_port: bool, tell: Progress) -> EngineInfo:
         from gptoss_webui.sources import resolve_model
 
         cpu = plan.engine_is_cpu()
@@ -168,7 +169,7 @@ class Engine:
                 plan.check_adapter_base(model, adapter)
             adapter_plan = policy.plan_adapters(model, model_cfg, adapters, adapter_mode, config, cpu)
         except (plan.PlanError, ValueError) as exc:
-            raise EngineError(str(exc)) from None
+            raise EngineError(plan.cause(exc)) from None
         can_lora, lora_why = plan.lora_support(model_cfg, cpu)
         info = EngineInfo(model=model, model_spec=config.model, model_type=model_cfg.get("model_type", ""),
                           served_name=served_name(config.model, model), host=config.host,
@@ -180,15 +181,14 @@ class Engine:
             info.lora_enabled, info.lora_note = False, "LoRA disabled for this engine"
         else:
             if enable_lora and not can_lora:
-                raise EngineError(f"cannot enable LoRA: {lora_why}")
-            info.lora_enabled, info.lora_note = can_lora, lora_why
+                raise EngineError(say("serving.engine.cannot_enable_lora", why=lora_why))
+            info.lora_enabled, info.lora_note = can_lora, str(lora_why)
         if adapter_plan.mode == "hotload":
             info.pending_adapters = adapters
-            say(f"hot-loading {', '.join(adapters)} once the engine is up ({adapter_plan.reason})")
+            tell(say("serving.engine.hotload_later", names=", ".join(adapters), reason=adapter_plan.reason))
         if config.host not in LOOPBACK:
             if not os.environ.get(config.api_key_env):
-                raise EngineError(f"host {config.host} is reachable from other machines: set an API key in "
-                                  f"the environment variable {config.api_key_env} first (or use 127.0.0.1)")
+                raise EngineError(say("serving.engine.api_key", host=config.host, env=config.api_key_env))
             info.api_key_env = config.api_key_env
         info.port = pick_port(config.host, config.port, strict_port, info.notes)
         info.gpus = [] if cpu else visible_ids(config.tensor_parallel_size)
@@ -197,19 +197,19 @@ class Engine:
         if adapter_plan.mode == "merge":
             name, adapter = next(iter(adapters.items()))
             self.info.phase = f"merging adapter '{name}'"
-            say(f"{adapter_plan.reason}. Merging '{name}' into the base (own process)...")
-            info.model, info.served_name, info.merged_from = self._merge(model, adapter, say), name, {name: adapter}
-            info.notes.append(f"serving '{name}' merged into the base ({adapter_plan.reason})")
+            tell(say("serving.engine.merging", reason=adapter_plan.reason, name=name))
+            info.model, info.served_name, info.merged_from = self._merge(model, adapter, tell), name, {name: adapter}
+            info.notes.append(str(say("serving.engine.merged_note", name=name, reason=adapter_plan.reason)))
         return info
 
-    def _merge(self, model: str, adapter: str, say: Progress) -> str:
+    def _merge(self, model: str, adapter: str, tell: Progress) -> str:
         from gptoss_webui.serve.merge import MergeError, merge_in_subprocess
 
         try:
             result = merge_in_subprocess(model, adapter, plan.merged_dir_for(adapter))
         except MergeError as exc:
-            raise EngineError(f"merge failed: {exc}") from None
-        say(result.summary())
+            raise EngineError(say("serving.engine.merge_failed", error=plan.cause(exc))) from None
+        tell(result.summary())
         return result.out_dir
 
     def _launch(self, info: EngineInfo, config: ServeConfig) -> None:
@@ -234,26 +234,27 @@ class Engine:
         """Wait for /health (then hot-load the pending adapters), or raise EngineError with the cause.
 
         Gives up after the config's start_timeout_s (status() enforces it and stops the process)."""
-        say = progress or (lambda _msg: None)
+        tell = progress or (lambda _msg: None)
         while True:
             info = self.status()
             if info.state == "crashed":
-                raise EngineError(f"the engine failed to start: {info.error}")
+                raise EngineError(say("serving.engine.failed_start", error=info.error))
             if info.state == "stopped":
-                raise EngineError("the engine was stopped while starting")
+                raise EngineError(say("serving.engine.stopped_starting"))
             if info.state == "running":
                 break
             time.sleep(1.0)
-        say(f"engine ready after {info.ready_at - info.started_at:.0f} s: {info.base_url}")
+        tell(say("serving.engine.ready", seconds=info.ready_at - info.started_at, url=info.base_url))
         with self._lock:
             pending, info.pending_adapters = dict(info.pending_adapters), {}
         for name, path in pending.items():
             try:
                 check = self.load_adapter(name, path)
-                say(check.message)
+                tell(check.message)
             except EngineError as exc:  # the engine itself is fine: report the adapter, keep serving
-                info.notes.append(f"adapter '{name}' was not loaded: {exc}")
-                say(info.notes[-1])
+                note = say("serving.engine.not_loaded", name=name, error=plan.cause(exc))
+                info.notes.append(str(note))
+                tell(note)
         info.phase = ""
         self._save()
         return self.info
@@ -293,50 +294,47 @@ class Engine:
     def _require_running(self) -> EngineInfo:
         info = self.status()
         if info.state != "running":
-            raise EngineError(f"the engine is {info.state}" + (f": {info.error}" if info.error else "")
-                              + ("" if info.state == "starting" else "; start it first"))
+            said = (say("serving.engine.state_error", state=info.state, error=info.error) if info.error
+                    else say("serving.engine.state", state=info.state))
+            raise EngineError(said if info.state == "starting" else say("serving.engine.start_first", error=said))
         return info
 
     def load_adapter(self, name: str, path: str | Path, check: bool = True) -> AdapterCheck:
         """Hot-load a LoRA adapter under `name`; with check, warn when it does not change the output."""
         info = self._require_running()
         if not info.lora_enabled:
-            raise EngineError(f"this engine cannot hot-load adapters: {info.lora_note}. Start it with the "
-                              f"adapter instead (it will be merged)")
+            raise EngineError(say("serving.engine.no_hotload", note=info.lora_note))
         path = str(Path(path).resolve())
         try:
             rank = plan.adapter_rank(path)
             plan.check_adapter_base(info.model, path)
             fused_experts = bool(plan.read_adapter_config(path).get("target_parameters"))
         except plan.PlanError as exc:
-            raise EngineError(str(exc)) from None
+            raise EngineError(plan.cause(exc)) from None
         if name == info.served_name or name in info.adapters:
-            raise EngineError(f"the name '{name}' is already served: pick another or unload it first")
+            raise EngineError(say("serving.engine.name_taken", name=name))
         if rank > info.max_lora_rank:
-            raise EngineError(f"adapter '{name}' has LoRA rank {rank}; this engine was started for ranks up "
-                              f"to {info.max_lora_rank}: restart it with serve.max_lora_rank >= {rank}")
+            raise EngineError(say("serving.engine.rank", name=name, rank=rank, max_rank=info.max_lora_rank))
         self._http(lambda server: server.load_lora(name, path, fused_experts))
         with self._lock:
             info.adapters[name] = path
             self._save()
         if not check:
-            return AdapterCheck(name, path, True, f"adapter '{name}' loaded (not checked)")
+            return AdapterCheck(name, path, True, say("serving.engine.loaded_unchecked", name=name))
         base, tuned = self._http(lambda server: (server.probe(info.served_name), server.probe(name)))
         # Same tokens and log-probs up to kernel noise (LoRA and plain kernels round differently on GPUs).
         if base[0] == tuned[0] and all(abs(a - b) < 1e-3 for a, b in zip(base[1], tuned[1], strict=False)):
-            msg = (f"WARNING: adapter '{name}' gives the base model's greedy output and log-probs. "
-                   "Either it is untrained, or its module names do not match this model and vLLM is serving "
-                   "the base model")
-            info.notes.append(msg)
+            msg = say("serving.engine.no_change", name=name)
+            info.notes.append(str(msg))
             self._save()
             return AdapterCheck(name, path, False, msg)
-        return AdapterCheck(name, path, True, f"adapter '{name}' loaded; it changes the model's output")
+        return AdapterCheck(name, path, True, say("serving.engine.loaded", name=name))
 
     def unload_adapter(self, name: str) -> None:
         info = self._require_running()
         if name not in info.adapters:
-            loaded = ", ".join(info.adapters) or "none"
-            raise EngineError(f"no adapter named '{name}' is loaded (loaded: {loaded})")
+            loaded = ", ".join(info.adapters) or say("serving.engine.loaded_none")
+            raise EngineError(say("serving.engine.no_such_adapter", name=name, loaded=loaded))
         self._http(lambda server: server.unload_lora(name))
         with self._lock:
             info.adapters.pop(name, None)
@@ -358,5 +356,7 @@ class Engine:
             return call(ServerClient(self.info.base_url, self.api_key))
         except EngineUnreachable as exc:
             self.status()
-            raise EngineError(f"{exc}; state {self.info.state}" + (f": {self.info.error}" if self.info.error
-                                                                    else "")) from None
+            said = (say("serving.engine.unreachable_error", error=str(exc), state=self.info.state,
+                        cause=self.info.error) if self.info.error
+                    else say("serving.engine.unreachable", error=str(exc), state=self.info.state))
+            raise EngineError(said) from None

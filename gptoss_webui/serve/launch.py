@@ -14,6 +14,7 @@ from pathlib import Path
 import psutil
 
 from gptoss_webui.config import ServeConfig
+from gptoss_webui.messages import say
 from gptoss_webui.paths import cache_dir
 from gptoss_webui.serve import plan, procs
 from gptoss_webui.serve.state import EngineError, EngineInfo
@@ -79,7 +80,7 @@ def build_env(info: EngineInfo, config: ServeConfig) -> dict[str, str]:
         try:
             env["TIKTOKEN_ENCODINGS_BASE"] = str(o200k_ranks_file().parent)
         except RuntimeError as exc:
-            raise EngineError(f"gpt-oss chat needs the o200k ranks file: {exc}") from None
+            raise EngineError(say("serving.launch.o200k", error=str(exc))) from None
     return env
 
 
@@ -99,12 +100,12 @@ def pick_port(host: str, port: int, strict: bool, notes: list[str]) -> int:
     if procs.port_free(host, port):
         return port
     if strict:
-        raise EngineError(f"port {port} on {host} is already in use by another program: pick another port")
+        raise EngineError(say("serving.launch.port_busy", port=port, host=host))
     for candidate in range(port + 1, min(port + 200, 65536)):
         if procs.port_free(host, candidate):
-            notes.append(f"port {port} was in use; the engine listens on {candidate}")
+            notes.append(str(say("serving.launch.port_moved", port=port, candidate=candidate)))
             return candidate
-    raise EngineError(f"ports {port}-{port + 199} on {host} are all in use: pick another port")
+    raise EngineError(say("serving.launch.ports_busy", first=port, last=port + 199, host=host))
 
 
 def check_cpu_memory(model: str, kv_gib: float) -> None:
@@ -113,6 +114,5 @@ def check_cpu_memory(model: str, kv_gib: float) -> None:
     free = psutil.virtual_memory().available / 2**30
     need = weights + max(1, math.ceil(kv_gib))
     if need > free:
-        raise EngineError(f"not enough free memory: the weights ({weights:.1f} GiB) and the KV cache "
-                          f"({max(1, math.ceil(kv_gib))} GiB) need {need:.1f} GiB, {free:.1f} GiB is free. "
-                          "Lower serve.cpu_kv_cache_gib or close other programs")
+        raise EngineError(say("serving.launch.cpu_memory", weights=weights, kv=max(1, math.ceil(kv_gib)), need=need,
+                              free=free))

@@ -23,6 +23,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from gptoss_webui.messages import Message, say
 from gptoss_webui.runs import atomic_write_text
 
 PROVENANCE_FILE = "merged_from.json"
@@ -52,18 +53,18 @@ class MergeResult:
     reused: bool = False
     experts: str = ""  # how the merged folder stores the experts, and why (see merge_adapter)
 
-    def summary(self) -> str:
+    def summary(self) -> Message:
+        """One line on the merge (str() is English)."""
         if self.reused:
-            return f"reused the merged model in {self.out_dir} (same base and adapter as before)"
-        verdict = "reproduces" if self.ok else "does NOT reproduce"
-        text = (f"merged model {verdict} the adapter's logits: max |diff| {self.max_abs_diff:.2e} "
-                f"(logits up to {self.max_abs_logit:.1f}, tolerance {self.tolerance:.0e} relative, "
-                f"{self.dtype}; the adapter itself moves them by up to {self.adapter_effect:.2e}); "
-                f"{self.seconds:.0f} s")
+            return say("serving.merge.reused", out_dir=self.out_dir)
+        verdict = say("serving.merge.reproduces") if self.ok else say("serving.merge.not_reproduced")
+        text = say("serving.merge.summary", verdict=verdict, diff=self.max_abs_diff,
+                   logit=self.max_abs_logit, tolerance=self.tolerance, dtype=self.dtype,
+                   effect=self.adapter_effect, seconds=self.seconds)
         if self.experts:
-            text += f"; experts stored as {self.experts}"
+            text = say("serving.merge.experts", text=text, experts=self.experts)
         if self.adapter_effect == 0.0:
-            text += ". WARNING: the adapter does not change the model at all (untrained, or nothing merged)"
+            text = say("serving.merge.no_effect", text=text)
         return text
 
 
@@ -166,8 +167,7 @@ def merge_adapter(base: str, adapter: str | Path, out_dir: str | Path,
     atomic_write_text(tmp / PROVENANCE_FILE, json.dumps(provenance, indent=1))
     if not result.ok:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise MergeError(result.summary() + ". The merged folder was not kept: the adapter probably "
-                         "targets modules or parameters this peft version cannot merge.")
+        raise MergeError(say("serving.merge.not_kept", summary=result.summary()))
     shutil.rmtree(out_dir, ignore_errors=True)
     tmp.rename(out_dir)
     return result
@@ -214,7 +214,7 @@ def merge_in_subprocess(base: str, adapter: str | Path, out_dir: str | Path, *, 
     adapter, out_dir = Path(adapter).resolve(), Path(out_dir).resolve()
     base = resolve_model(base)
     if not (adapter / "adapter_config.json").is_file():
-        raise MergeError(f"{adapter} is not a LoRA adapter folder (no adapter_config.json)")
+        raise MergeError(say("serving.plan.not_adapter", adapter=adapter))
     if not force and (done := previous_merge(base, adapter, out_dir)):
         return done
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -233,7 +233,7 @@ def merge_in_subprocess(base: str, adapter: str | Path, out_dir: str | Path, *, 
             rc = proc.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
             _kill_group(proc)
-            raise MergeError(f"merge did not finish in {timeout_s} s; log: {log_path}") from None
+            raise MergeError(say("serving.merge.timeout", seconds=timeout_s, log=log_path)) from None
         except BaseException:  # Ctrl-C: the merge must not run on in the background
             _kill_group(proc)
             raise
@@ -244,7 +244,7 @@ def merge_in_subprocess(base: str, adapter: str | Path, out_dir: str | Path, *, 
     finally:
         report.unlink(missing_ok=True)
     if "error" in data:
-        raise MergeError(f"{data['error']} (log: {log_path})")
+        raise MergeError(say("serving.merge.error", error=data["error"], log=log_path))
     return MergeResult(**data)
 
 
@@ -270,8 +270,7 @@ def check_disk_space(base: str, adapter: Path, folder: Path) -> None:
         need = params * {"float32": 4}.get(_pick_dtype(base), 2) / 2**30
     free = shutil.disk_usage(folder).free / 2**30
     if free < need:
-        raise MergeError(f"the merged model needs about {need:.1f} GiB in {folder}, which has {free:.1f} GiB "
-                         f"free: free {need - free:.1f} GiB there, or hot-load the adapter instead of merging")
+        raise MergeError(say("serving.merge.disk", need=need, folder=folder, free=free, short=need - free))
 
 
 def merge_run(run_dir: str | Path, force: bool = False) -> Path:

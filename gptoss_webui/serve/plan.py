@@ -12,11 +12,19 @@ import re
 from importlib import metadata
 from pathlib import Path
 
+from gptoss_webui.messages import Message, say
+
 # vLLM's CPU attention kernels (CPU-STACK.md); a model with another head size fails at start-up.
 CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
 # --max-lora-rank accepts only these values (vllm/config/lora.py MaxLoRARanks).
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def cause(exc: BaseException) -> Message | str:
+    """What an error says, for a message that quotes it: its Message (worded in the page's language when shown),
+    else its text."""
+    return exc.args[0] if len(exc.args) == 1 and isinstance(exc.args[0], Message) else str(exc)
 
 
 class PlanError(Exception):
@@ -51,26 +59,24 @@ def check_model(model: str, cpu: bool) -> dict:
     if not path.exists():
         if _HUB_ID.match(model):
             return {}  # a hub name: vLLM fetches it (or says it cannot)
-        raise PlanError(f"model not found: {model} is neither a folder here nor a hub name like owner/model")
+        raise PlanError(say("serving.plan.model_not_found", model=model))
     if not path.is_dir() or not (path / "config.json").is_file():
-        raise PlanError(f"{model} is not a model folder (no config.json in it)")
+        raise PlanError(say("serving.plan.not_model_folder", model=model))
     if (path / "adapter_config.json").is_file():
-        raise PlanError(f"{model} is a LoRA adapter, not a model: serve its base model with it as an adapter")
+        raise PlanError(say("serving.plan.is_adapter", model=model))
     cfg = model_config(path)
     if cpu:
         head = cfg.get("head_dim") or (cfg.get("hidden_size", 0) // max(1, cfg.get("num_attention_heads", 1)))
         if head and head not in CPU_HEAD_SIZES:
-            raise PlanError(f"this model's attention head size is {head}; vLLM's CPU build supports only "
-                            f"{', '.join(map(str, CPU_HEAD_SIZES))}")
+            raise PlanError(say("serving.plan.cpu_head_size", head=head, sizes=", ".join(map(str, CPU_HEAD_SIZES))))
     return cfg
 
 
-def lora_support(model_cfg: dict, cpu: bool) -> tuple[bool, str]:
+def lora_support(model_cfg: dict, cpu: bool) -> tuple[bool, Message]:
     """Can this engine hot-load LoRA adapters for this architecture? (and why not)"""
     if cpu and model_cfg.get("model_type") == "gpt_oss":
-        return False, ("vLLM's CPU build cannot run LoRA on gpt-oss: with LoRA enabled every MoE layer uses "
-                       "a Triton-only fused-MoE-LoRA kernel and the engine dies on the first request")
-    return True, "vLLM can serve LoRA adapters for this model at run time"
+        return False, say("serving.plan.no_lora_cpu_oss")
+    return True, say("serving.plan.lora_ok")
 
 
 def adapter_rank(adapter_dir: str | Path) -> int:
@@ -85,9 +91,9 @@ def read_adapter_config(adapter_dir: str | Path) -> dict:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise PlanError(f"{adapter_dir} is not a LoRA adapter folder (no adapter_config.json)") from None
+        raise PlanError(say("serving.plan.not_adapter", adapter=adapter_dir)) from None
     except (OSError, json.JSONDecodeError) as exc:
-        raise PlanError(f"{path} cannot be read: {exc}") from None
+        raise PlanError(say("serving.plan.unreadable", path=path, error=exc)) from None
 
 
 def check_adapter_base(model_dir: str | Path, adapter_dir: str | Path) -> None:
@@ -98,10 +104,14 @@ def check_adapter_base(model_dir: str | Path, adapter_dir: str | Path) -> None:
     if not model_cfg:
         return
     trained_on = cfg.get("base_model_name_or_path") or "another model"
-    refuse = f"{adapter_dir} was trained on another base ({trained_on}): {{}}. Serve it on its own base model"
+
+    def refuse(why: Message) -> PlanError:
+        return PlanError(say("serving.plan.other_base", adapter=adapter_dir, trained_on=trained_on, why=why))
+
     arch = (cfg.get("auto_mapping") or {}).get("base_model_class")
     if arch and arch not in (model_cfg.get("architectures") or [arch]):
-        raise PlanError(refuse.format(f"a {arch}, and {model_dir} is a {', '.join(model_cfg['architectures'])}"))
+        raise refuse(say("serving.plan.base.arch", arch=arch, model=model_dir,
+                             archs=", ".join(model_cfg["architectures"])))
     base = tensor_shapes(model_dir)
     ranks = {int(cfg.get("r", 8)), *(int(v) for v in (cfg.get("rank_pattern") or {}).values())}
     experts = int(model_cfg.get("num_local_experts") or 0)
@@ -111,12 +121,12 @@ def check_adapter_base(model_dir: str | Path, adapter_dir: str | Path) -> None:
         if part != "A.weight":
             continue
         if not any(k.startswith(f"{module}.") for k in base):
-            raise PlanError(refuse.format(f"{model_dir} has no {module}"))
+            raise refuse(say("serving.plan.base.no_module", model=model_dir, module=module))
         if module.endswith(".mlp.experts"):  # peft's fused expert layout: lora_A is [rank x experts, in]
             if not experts or shape[0] % experts or shape[0] // experts not in ranks:
-                raise PlanError(refuse.format(f"its {module} LoRA does not split into {experts} experts"))
+                raise refuse(say("serving.plan.base.experts", module=module, experts=experts))
         elif (want := base.get(f"{module}.weight")) and want[-1] != shape[1]:
-            raise PlanError(refuse.format(f"its {module} takes {shape[1]} inputs, this model's {want[-1]}"))
+            raise refuse(say("serving.plan.base.inputs", module=module, inputs=shape[1], want=want[-1]))
 
 
 def tensor_shapes(folder: str | Path) -> dict[str, list[int]]:
@@ -134,7 +144,7 @@ def vllm_lora_rank(wanted: int) -> int:
     for rank in VLLM_LORA_RANKS:
         if rank >= wanted:
             return rank
-    raise PlanError(f"LoRA rank {wanted} is larger than vLLM supports ({VLLM_LORA_RANKS[-1]})")
+    raise PlanError(say("serving.plan.rank_too_large", rank=wanted, most=VLLM_LORA_RANKS[-1]))
 
 
 def merged_dir_for(adapter_dir: str | Path) -> Path:

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Literal
 
 from gptoss_webui.config import ServeConfig
 from gptoss_webui.hardware import Gpu, gpus
+from gptoss_webui.messages import Message, say
 from gptoss_webui.serve.plan import (
     PlanError,
     adapter_rank,
@@ -40,7 +41,7 @@ class AdapterPlan:
     """How the adapters an engine starts with are served."""
 
     mode: Literal["none", "hotload", "merge"]
-    reason: str
+    reason: Message  # str() is English
 
 
 @dataclass(frozen=True)
@@ -49,11 +50,11 @@ class Action:
 
     kind: Literal["hotload_running", "start", "restart"]  # load into the running engine / start one / stop, start
     mode: Served  # how the adapter is served
-    reason: str   # one line for the user
+    reason: Message  # one line for the user; str() is English
 
 
 def choose_mode(model: str, model_cfg: dict, adapter_dir: str | Path, requested: AdapterMode,
-                config: ServeConfig, cpu: bool) -> tuple[Served, str]:
+                config: ServeConfig, cpu: bool) -> tuple[Served, Message]:
     """How one adapter is served, and why in one line. Explicit modes are kept (hot-load refused where the
     engine cannot run LoRA for the architecture); auto merges where it cannot, and on a GPU merges expert
     LoRA when the expected concurrency is where hot-loaded expert LoRA was measured slow, if the merged
@@ -62,26 +63,25 @@ def choose_mode(model: str, model_cfg: dict, adapter_dir: str | Path, requested:
     can_lora, why = lora_support(model_cfg, cpu)
     if requested == "hotload":
         if not can_lora:
-            raise PlanError(f"cannot hot-load: {why}. Use merge mode instead")
-        return "hotload", "hot-load requested"
+            raise PlanError(say("serving.policy.no_hotload", why=why))
+        return "hotload", say("serving.policy.hotload_requested")
     if requested == "merge":
-        return "merge", "merge requested"
+        return "merge", say("serving.policy.merge_requested")
     if not can_lora:
-        return "merge", f"merging the adapter instead: {why}"
+        return "merge", say("serving.policy.merge_instead", why=why)
     if cpu or not experts:
         return "hotload", why
     concurrency = config.max_concurrency
     if concurrency < MERGE_FROM_CONCURRENCY:
-        return "hotload", (f"hot-loading: the adapter has expert LoRA, but serve.max_concurrency {concurrency} is "
-                           f"below {MERGE_FROM_CONCURRENCY}, where merging was measured to pay")
-    slow = (f"expert LoRA decoded at {EXPERT_LORA_SPEED}x the base hot-loaded at {EXPERT_LORA_MEASURED_AT} "
-            f"concurrent requests (H100, vLLM 0.26)")
+        return "hotload", say("serving.policy.hotload_low_concurrency", concurrency=concurrency,
+                              merge_from=MERGE_FROM_CONCURRENCY)
+    slow = say("serving.policy.slow", speed=EXPERT_LORA_SPEED, at=EXPERT_LORA_MEASURED_AT)
     if too_large := merge_too_large(model, config, gpus()):
-        return "hotload", f"hot-loading although {slow}: {too_large}"
-    return "merge", f"merging: {slow}, and serve.max_concurrency is {concurrency} (merge from {MERGE_FROM_CONCURRENCY})"
+        return "hotload", say("serving.policy.hotload_although", slow=slow, too_large=too_large)
+    return "merge", say("serving.policy.merging", slow=slow, concurrency=concurrency, merge_from=MERGE_FROM_CONCURRENCY)
 
 
-def merge_too_large(model: str, config: ServeConfig, found: list[Gpu]) -> str:
+def merge_too_large(model: str, config: ServeConfig, found: list[Gpu]) -> Message | str:
     """Why a merge of expert LoRA into `model` (experts in bf16) cannot be served on these GPUs; '' when it
     can, or when the sizes are not known here."""
     from gptoss_webui.architecture import ArchitectureError, resolve_architecture
@@ -96,8 +96,9 @@ def merge_too_large(model: str, config: ServeConfig, found: list[Gpu]) -> str:
     room = min(g.total_gib for g in found) * tp * config.gpu_memory_utilization
     if merged <= room:
         return ""
-    return (f"merged, its weights would take {merged:.0f} GiB in bf16, more than the {room:.0f} GiB vLLM may use "
-            f"on {tp} GPU{'s' if tp > 1 else ''}")
+    if tp == 1:
+        return say("serving.policy.merged_too_large_1", merged=merged, room=room)
+    return say("serving.policy.merged_too_large", merged=merged, room=room, tp=tp)
 
 
 def plan_adapters(model: str, model_cfg: dict, adapters: dict[str, str], requested: AdapterMode,
@@ -105,7 +106,7 @@ def plan_adapters(model: str, model_cfg: dict, adapters: dict[str, str], request
     """How the adapters an engine starts with are served: one rule per adapter (choose_mode); a merged
     model holds one adapter, so several are hot-loaded together where the engine can."""
     if not adapters:
-        return AdapterPlan("none", "no adapter to serve")
+        return AdapterPlan("none", say("serving.policy.no_adapter"))
     chosen = {name: choose_mode(model, model_cfg, path, requested, config, cpu) for name, path in adapters.items()}
     merged = [name for name, (mode, _) in chosen.items() if mode == "merge"]
     if not merged:
@@ -113,10 +114,9 @@ def plan_adapters(model: str, model_cfg: dict, adapters: dict[str, str], request
     if len(adapters) == 1:
         return AdapterPlan("merge", chosen[merged[0]][1])
     if requested == "merge" or not lora_support(model_cfg, cpu)[0]:
-        raise PlanError("merge mode serves one merged model, so one adapter at a time: pick one of "
-                          + ", ".join(adapters))
-    return AdapterPlan("hotload", f"{len(adapters)} adapters, hot-loaded together: a merged model holds one "
-                                  f"({merged[0]}: {chosen[merged[0]][1]})")
+        raise PlanError(say("serving.policy.merge_one", adapters=", ".join(adapters)))
+    return AdapterPlan("hotload", say("serving.policy.together", count=len(adapters), name=merged[0],
+                                      why=chosen[merged[0]][1]))
 
 
 def serving_action(info: EngineInfo, config: ServeConfig, name: str, adapter: str | Path,
@@ -132,24 +132,24 @@ def serving_action(info: EngineInfo, config: ServeConfig, name: str, adapter: st
     if not info.live:
         return Action("start", mode, why)
     if mode == "merge":
-        return Action("restart", mode, f"{why}; the running engine is restarted on the merged model")
+        return Action("restart", mode, say("serving.policy.restart_merged", why=why))
     blocker = _blocks_hotload(info, config, model, adapter)
     if blocker:
-        return Action("restart", mode, f"{why}; the running engine is restarted with it: {blocker}")
-    return Action("hotload_running", mode, f"{why}; loading it into the running engine")
+        return Action("restart", mode, say("serving.policy.restart_with", why=why, blocker=blocker))
+    return Action("hotload_running", mode, say("serving.policy.load_running", why=why))
 
 
-def _blocks_hotload(info: EngineInfo, config: ServeConfig, model: str, adapter: str | Path) -> str:
+def _blocks_hotload(info: EngineInfo, config: ServeConfig, model: str, adapter: str | Path) -> Message | str:
     """Why the running engine cannot take the adapter as it is ('' when it can)."""
     if info.state != "running":
-        return f"it is {info.state}"
+        return say("serving.policy.blocker.state", state=info.state)
     if config.model != info.model_spec and model != info.model:
-        return f"it serves {info.served_name}, not {config.model}"
+        return say("serving.policy.blocker.other_model", served=info.served_name, model=config.model)
     if info.merged_from:
-        return f"it serves {', '.join(info.merged_from)} merged into the weights"
+        return say("serving.policy.blocker.merged", names=", ".join(info.merged_from))
     if not info.lora_enabled:
-        return f"it runs without LoRA ({info.lora_note})"
+        return say("serving.policy.blocker.no_lora", note=info.lora_note)
     rank = adapter_rank(adapter)
     if rank > info.max_lora_rank:
-        return f"the adapter's LoRA rank {rank} is above the engine's {info.max_lora_rank}"
+        return say("serving.policy.blocker.rank", rank=rank, max_rank=info.max_lora_rank)
     return ""

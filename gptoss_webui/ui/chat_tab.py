@@ -10,6 +10,7 @@ from typing import Any
 
 import gradio as gr
 
+from gptoss_webui import messages
 from gptoss_webui.config import ConfigError
 from gptoss_webui.presets import default_recipe
 from gptoss_webui.ui.engine_ctl import control_for
@@ -93,7 +94,7 @@ def build(L: Localizer, lang: gr.Radio) -> None:
             return SamplingParams.from_config(serve_from_form(recipe0.serve.model_dump(mode="json"),
                                                               CHAT_FIELDS, list(values)))
         except ConfigError as exc:
-            raise failure(lang_v, str(exc)) from None
+            raise failure(lang_v, messages.text(exc, lang_v)) from None
 
     def on_send(lang_v: str, model_v: str | None, turns_v: list, text: str, *values: Any):
         from gptoss_webui.serve.chat import ChatError
@@ -112,8 +113,9 @@ def build(L: Localizer, lang: gr.Radio) -> None:
                 turn = {"role": "assistant", "content": reply.content, "reasoning": reply.reasoning}
                 yield render([*history, turn], lang_v, pending=not reply.done), history, gr.skip()
         except ChatError as exc:  # shown in the conversation, where it happened; not sent back to the model
-            warn(lang_v, str(exc))
-            yield render([*history, {"role": "assistant", "content": f"❌ {exc}"}], lang_v), history, gr.skip()
+            said = messages.text(exc, lang_v)
+            warn(lang_v, said)
+            yield render([*history, {"role": "assistant", "content": f"❌ {said}"}], lang_v), history, gr.skip()
             return
         final = [*history, {"role": "assistant", "content": reply.content if reply else "",
                             "reasoning": reply.reasoning if reply else ""}]
@@ -138,8 +140,8 @@ def build(L: Localizer, lang: gr.Radio) -> None:
             shown = []
             for name in (a, b):
                 r = replies[name]
-                turn = {"role": "assistant", "content": r.content if not r.error else f"❌ {r.error}",
-                        "reasoning": r.reasoning}
+                content = f"❌ {messages.text(r.error, lang_v)}" if r.error else r.content
+                turn = {"role": "assistant", "content": content, "reasoning": r.reasoning}
                 shown.append(render([user, turn], lang_v, pending=not r.done))
             yield shown[0], shown[1]
 

@@ -18,18 +18,19 @@ from pathlib import Path
 from typing import Any
 
 from gptoss_webui.config import ServeConfig
+from gptoss_webui.messages import Message, say
 from gptoss_webui.paths import engine_state_file
 from gptoss_webui.serve.policy import AdapterMode
 from gptoss_webui.serve.state import EngineInfo
 
-Say = Callable[[str], None]
+Note = Callable[[Message | str], None]  # what a task says; the page words it in its language
 
 
 @dataclass
 class Task:
     name: str  # start / serve_run / load / unload / stop
-    messages: list[str] = field(default_factory=list)
-    error: str | None = None
+    messages: list[Message | str] = field(default_factory=list)  # messages.text(m, lang) for the page
+    error: Message | str | None = None
     done: bool = False
     started_at: float = field(default_factory=time.time)
 
@@ -70,7 +71,7 @@ class EngineControl:
         info = self.engine.status()
         return Snapshot(info.state, info, task, self.engine.log_tail() if info.state != "stopped" else "")
 
-    def _run(self, name: str, work: Callable[[Say], None]) -> None:
+    def _run(self, name: str, work: Callable[[Note], None]) -> None:
         with self._lock:
             if self.busy:
                 raise RuntimeError(f"busy: {self._task.name if self._task else ''}")
@@ -80,7 +81,7 @@ class EngineControl:
             try:
                 work(task.messages.append)
             except Exception as exc:  # EngineError, MergeError, ...: their messages are for people
-                task.error = str(exc)
+                task.error = exc.args[0] if len(exc.args) == 1 and isinstance(exc.args[0], Message) else str(exc)
             finally:
                 task.done = True
 
@@ -88,31 +89,32 @@ class EngineControl:
 
     # --- actions (each returns at once) -----------------------------------------------------------
     def start(self, config: ServeConfig) -> None:
-        self._run("start", lambda say: self.engine.start(config, progress=say))
+        self._run("start", lambda note: self.engine.start(config, progress=note))
 
     def stop(self) -> None:
-        self._run("stop", lambda say: (self.engine.stop(), say("stopped")))
+        self._run("stop", lambda note: (self.engine.stop(), note(say("serving.ctl.stopped"))))
 
     def serve_adapter(self, config: ServeConfig, name: str, adapter: str, mode: AdapterMode) -> None:
         """Serve a run's adapter as serve/policy.py decides (hot-load into the running engine, or start or
         restart it with the adapter hot-loaded or merged); its one-line reason goes first in the task."""
 
-        def work(say: Say) -> None:
+        def work(note: Note) -> None:
             from gptoss_webui.serve.policy import serving_action
 
             action = serving_action(self.engine.status(), config, name, adapter, mode)
-            say(action.reason)
+            note(action.reason)
             if action.kind == "hotload_running":
-                say(self.engine.load_adapter(name, adapter).message)
+                note(self.engine.load_adapter(name, adapter).message)
                 return
             if action.kind == "restart":
                 self.engine.stop()
-            self.engine.start(config, adapters={name: adapter}, adapter_mode=mode, progress=say)
+            self.engine.start(config, adapters={name: adapter}, adapter_mode=mode, progress=note)
 
         self._run("serve_run", work)
 
     def unload(self, name: str) -> None:
-        self._run("unload", lambda say: (self.engine.unload_adapter(name), say(f"unloaded {name}")))
+        self._run("unload", lambda note: (self.engine.unload_adapter(name),
+                                          note(say("serving.ctl.unloaded", name=name))))
 
 
 _controls: dict[Path, EngineControl] = {}

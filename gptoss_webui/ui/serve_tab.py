@@ -12,6 +12,7 @@ from typing import Any
 import gradio as gr
 
 from gptoss_webui.config import ConfigError, Recipe
+from gptoss_webui.messages import text
 from gptoss_webui.presets import default_recipe
 from gptoss_webui.runs import RunsDir
 from gptoss_webui.serve.state import EngineInfo
@@ -48,9 +49,9 @@ def engine_md(snap: Snapshot, lang: str) -> str:
     # After a UI restart there is no task: show the engine's own remarks (a task's messages include them).
     said = task.messages[-6:] if task else info.notes[-3:]
     if said:
-        paragraphs.append("\n".join(f"- {m}" for m in said))
+        paragraphs.append("\n".join(f"- {text(m, lang)}" for m in said))
     if task and task.error:
-        paragraphs.append(t("serve.task_failed", lang, error=task.error))
+        paragraphs.append(t("serve.task_failed", lang, error=text(task.error, lang)))
     elif snap.state == "crashed" and info.error:
         paragraphs.append(t("serve.crashed_with", lang, error=info.error))
     return "\n\n".join(paragraphs)
@@ -143,7 +144,7 @@ def build(L: Localizer, lang: gr.Radio, runs_dir: str) -> ServeTab:
         try:
             cfg = serve_from_form(base_v, SERVE_FIELDS, list(values))
         except ConfigError as exc:
-            warn(lang_v, str(exc))
+            warn(lang_v, text(exc, lang_v))
             return None
         if refused := outside_paths(Recipe(serve=cfg), runs_dir):
             warn(lang_v, t("msg.path_outside", lang_v, what=refused[0]))
@@ -165,7 +166,7 @@ def build(L: Localizer, lang: gr.Radio, runs_dir: str) -> ServeTab:
         try:
             recipe = Recipe.from_yaml(RunsDir(runs_dir).get(name).config_path)
         except (ConfigError, FileNotFoundError) as exc:
-            warn(lang_v, str(exc))
+            warn(lang_v, text(exc, lang_v))
             return [gr.skip()] * (1 + len(values))
         port = values[[f.path for f in SERVE_FIELDS].index("serve.port")] or recipe.serve.port
         serve = recipe.serve.model_copy(update={"model": recipe.train.model, "port": int(port)})
@@ -182,7 +183,7 @@ def build(L: Localizer, lang: gr.Radio, runs_dir: str) -> ServeTab:
             the_run = RunsDir(runs_dir).get(name)
             recipe = Recipe.from_yaml(the_run.config_path)
         except (ConfigError, FileNotFoundError) as exc:
-            warn(lang_v, str(exc))
+            warn(lang_v, text(exc, lang_v))
             return
         cfg = cfg.model_copy(update={"model": recipe.train.model})  # the adapter's own base
         _act(lang_v, lambda: control.serve_adapter(cfg, name, str(the_run.adapter_dir), mode_v))
