@@ -15,7 +15,7 @@ a row that fails records its error and the run goes on:
 - vllm_bench: vLLM's own `vllm bench serve` (vllm.benchmarks.serve.main, which the CLI calls, in a process of its
   own) against the same engine: random prompts of the same lengths, the same stream counts and request counts,
   ignore_eos; its output tokens/s, and the base row's ratio to it (ours_to_vllm_bench: issue 12 wants >= 0.7). It
-  runs on the cold engine when `base` is among the stages, else on the warm one.
+  runs on the first engine of base, warm and plain among the stages (alone: on a warm one).
 - warm: a second start of the same engine config (vLLM's compile caches are warm): start_warm_s, next to start_s
   of the cold start (this run's base row, or --previous's).
 - plain: the base model on an engine with LoRA off: what enabling LoRA costs the base.
@@ -640,7 +640,8 @@ def add_ratios(row: dict, ctx: Context, args: argparse.Namespace) -> None:
     """Ratios to the base row (the latest base or warm row before this one), once the row is measured."""
     if row.get("status") != "ok":
         return
-    ref = ctx.find(BASE_LIKE, lambda r: r is not row and bool(r.get("out_tok_s")))
+    ref = ctx.find(("plain", *BASE_LIKE) if row["stage"] == "vllm_bench" else BASE_LIKE,
+                   lambda r: r is not row and bool(r.get("out_tok_s")))
     if ref is None:
         return
     where = ref["stage"] + ("" if any(r is ref for r in ctx.rows) else " (--previous)")
@@ -835,11 +836,11 @@ def main(argv: list[str] | None = None) -> int:
             (args.out / "bench_serve.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
             (args.out / "bench_serve.md").write_text(markdown(rows, meta))
 
-        bench_on = "base" if "base" in want else "warm"
+        bench_on = next((s for s in ("base", "warm", "plain") if s in want), "warm")
         sessions = [Session("base", ("base", "hotload_attn", "hotload_experts", "vllm_bench"), base_model,
                             {"hotload_attn": attn, "hotload_experts": hot_experts}),
                     Session("warm", ("warm", "vllm_bench"), base_model),
-                    Session("plain", ("plain",), base_model, enable_lora=False),
+                    Session("plain", ("plain", "vllm_bench"), base_model, enable_lora=False),
                     Session("merged", ("merge", "merged"), merge_model, {"merge": experts, "merged": experts})]
         start_estimate_s = 0.0
         for session in sessions:

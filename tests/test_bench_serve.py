@@ -12,6 +12,7 @@ import subprocess
 import sys
 
 import pytest
+from serve_fixtures import free_port
 
 from bench.serve import Context, Session, main, make_adapter, percentile, run_session
 
@@ -23,8 +24,10 @@ SERVED = ["base", "hotload_attn", "hotload_experts", "warm", "merged"]
 
 def test_smoke_measures_every_stage(tmp_path):
     out = tmp_path / "out"
+    # A port of its own: an engine another checkout runs on the default port would answer our health checks.
     proc = subprocess.run([sys.executable, "-m", "bench.serve", "--smoke", "--out", str(out),
-                           "--engine-arg", "max-num-seqs=16"], capture_output=True, text=True, timeout=600)
+                           "--port", str(free_port()), "--engine-arg", "max-num-seqs=16"],
+                          capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     data = json.loads((out / "bench_serve.json").read_text())
     rows = {r["stage"]: r for r in data["rows"]}

@@ -15,10 +15,18 @@ export DEADLINE=$(($(date +%s) + ${BUDGET_S:-560}))
 export CKPT=${CKPT:-/tmp/gpt-oss-20b-random} RUNS=${RUNS:-/tmp/gptoss-runs}
 # shellcheck source=/dev/null
 source bench/gpu/setup.sh > "$OUT/env.log" 2>&1 || { echo "setup failed"; cat "$OUT/env.log"; exit 1; }
+# vLLM as the `vllm` stage of this call or of an earlier one on this host unpacked it in /tmp/site (a later call's
+# serve stages import it from there too). The trimmed vLLM has no flashinfer: its sampler must not be asked for.
+use_vllm() {
+  [ -d /tmp/site/vllm ] || return 0
+  case ":$PYTHONPATH:" in *:/tmp/site:*) ;; *) export PYTHONPATH="$PYTHONPATH:/tmp/site" ;; esac
+  export VLLM_USE_FLASHINFER_SAMPLER=0 VLLM_NO_USAGE_STATS=1
+}
 # bench/serve.py into /tmp/serve/NAME (kept: later calls on this host read it with --previous), packed as
 # $OUT/serve_NAME.tgz; prints its tables. Adapters and merges live in /tmp/serve-adapters.
 serve_bench() {
   local name=$1 dir=/tmp/serve/$1; shift
+  use_vllm
   rm -rf "$dir" && mkdir -p "$dir"
   # shellcheck disable=SC2086  # SERVE_ARGS: several arguments
   python3 -m bench.serve --model "$CKPT" --adapters-dir /tmp/serve-adapters --out "$dir" "$@" ${SERVE_ARGS:-} \
@@ -73,19 +81,21 @@ PY
         && (cd /tmp && sha256sum -c /tmp/parts/SHA256SUMS) && rm -rf /tmp/site && mkdir -p /tmp/site \
         && tar -xJf /tmp/vllm.tar.xz -C /tmp/site && tar -xJf /tmp/deps.tar.xz -C /tmp/site
       rc=$?
-      # The trimmed vLLM has no flashinfer: its sampler must not be asked for.
-      export PYTHONPATH="$PYTHONPATH:/tmp/site" VLLM_USE_FLASHINFER_SAMPLER=0 VLLM_NO_USAGE_STATS=1
+      use_vllm
       python3 -c "import vllm; print('vllm', vllm.__version__)" || rc=1 ;;
     serve-prep)  # no vLLM needed: the adapters (attention + experts) and their merge, kept for serve-warm
       serve_bench prep --stages merge ;;
     serve-cold)  # the first engine start on this host: base, both hot-loaded adapters, then vllm bench serve
-      serve_bench cold --stages base,hotload_attn,hotload_experts,vllm_bench ;;
+      serve_bench cold --stages base,hotload_attn,hotload_experts,vllm_bench
+      # When the LoRA-enabled engine did not start at all, the rest of the call measures the base with LoRA off.
+      python3 -c 'import json, sys; row = json.load(open(sys.argv[1]))["rows"][0]; sys.exit(row.get("start_s") is None)' \
+        /tmp/serve/cold/bench_serve.json || serve_bench cold-plain --stages plain,vllm_bench ;;
     serve-warm)  # the same engine again (warm compile caches), the merged model, then HF generate and HF+peft
       serve_bench warm --stages warm,merge,merged,hf --previous /tmp/serve/cold/bench_serve.json ;;
     serve-hf)  # HF generate and HF+peft alone, against serve-warm's rows (when serve-warm ran out of time for it)
       serve_bench hf --stages hf --previous /tmp/serve/warm/bench_serve.json ;;
-    serve-plain)  # the base on an engine with LoRA off: what enabling LoRA costs the base
-      serve_bench plain --stages plain --previous /tmp/serve/cold/bench_serve.json ;;
+    serve-plain)  # the base on an engine with LoRA off (what enabling LoRA costs the base), and vllm bench serve on it
+      serve_bench plain --stages plain,vllm_bench --previous /tmp/serve/cold/bench_serve.json ;;
     serve-moe:*)  # serve-moe:BACKEND: base and the attention + experts adapter with vLLM's --moe-backend BACKEND
       serve_bench "moe-${stage#serve-moe:}" --stages base,hotload_experts --engine-arg "moe-backend=${stage#serve-moe:}" ;;
     serve)  # bench/serve.py with SERVE_ARGS only (e.g. --adapter "$RUNS/e2e/adapter" --stages base,hotload_experts)
