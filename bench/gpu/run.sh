@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # The whole device command, from the repo root on the GPU host:
 #   BUDGET_S=560 bash bench/gpu/run.sh env test e2e bench:core
+#   BUDGET_S=570 bash bench/gpu/run.sh stash vllm serve-cold          # the serve stages: bench/README.md, Commands
 # Stages run in the order given; one failing does not stop the next. BUDGET_S (seconds from the start) is the
 # deadline that the e2e run and the benchmark plan against, so that the call ends inside its 600 s limit.
 # Logs go to $OUT; at most 8 files come back from a device call: env.log, pytest.log, <name>.log and
-# <name>_events.jsonl per e2e stage, bench_<grid>.log/.json/.md per bench stage. Pick stages accordingly.
+# <name>_events.jsonl per e2e stage, bench_<grid>.log/.json/.md per bench stage, serve_<name>.tgz per serve stage.
+# Pick stages accordingly.
 set -u
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
@@ -13,6 +15,27 @@ export DEADLINE=$(($(date +%s) + ${BUDGET_S:-560}))
 export CKPT=${CKPT:-/tmp/gpt-oss-20b-random} RUNS=${RUNS:-/tmp/gptoss-runs}
 # shellcheck source=/dev/null
 source bench/gpu/setup.sh > "$OUT/env.log" 2>&1 || { echo "setup failed"; cat "$OUT/env.log"; exit 1; }
+# vLLM as the `vllm` stage of this call or of an earlier one on this host unpacked it in /tmp/site (a later call's
+# serve stages import it from there too). The trimmed vLLM has no flashinfer: its sampler must not be asked for.
+use_vllm() {
+  [ -d /tmp/site/vllm ] || return 0
+  case ":$PYTHONPATH:" in *:/tmp/site:*) ;; *) export PYTHONPATH="$PYTHONPATH:/tmp/site" ;; esac
+  export VLLM_USE_FLASHINFER_SAMPLER=0 VLLM_NO_USAGE_STATS=1
+}
+# bench/serve.py into /tmp/serve/NAME (kept: later calls on this host read it with --previous), packed as
+# $OUT/serve_NAME.tgz; prints its tables. Adapters and merges live in /tmp/serve-adapters.
+serve_bench() {
+  local name=$1 dir=/tmp/serve/$1; shift
+  use_vllm
+  rm -rf "$dir" && mkdir -p "$dir"
+  # shellcheck disable=SC2086  # SERVE_ARGS: several arguments
+  python3 -m bench.serve --model "$CKPT" --adapters-dir /tmp/serve-adapters --out "$dir" "$@" ${SERVE_ARGS:-} \
+    --budget-s $((DEADLINE - $(date +%s) - 25)) > "$dir/serve.log" 2>&1
+  rc=$?
+  tar -czf "$OUT/serve_$name.tgz" -C /tmp/serve "$name"
+  grep -E '^(Traceback|[A-Za-z]*Error)' "$dir/serve.log" | tail -n 5
+  cat "$dir/bench_serve.md" 2>/dev/null || tail -n 20 "$dir/serve.log"
+}
 summary=()
 for stage in "$@"; do
   echo "=== $stage (t=$((SECONDS - T0)) s)"
@@ -47,7 +70,7 @@ PY
     stash)  # keep the vLLM part this call carried (.vllm_gpu/a, b or c) for the `vllm` stage of a later call
       mkdir -p /tmp/parts && cp .vllm_gpu/*/* /tmp/parts/ && ls -la /tmp/parts
       rc=$? ;;
-    model20b)  # the random-weight gpt-oss-20b checkpoint (39 GiB) that e2e, merge and serve use
+    model20b)  # the random-weight gpt-oss-20b in the released layout (MXFP4 experts, 12.8 GiB): e2e, merge, serve
       [ -f "$CKPT/config.json" ] || python3 -m bench.gpu.make_models 20b --tokenizer "$TOKENIZER" --out "$CKPT"
       rc=$? ;;
     merge)  # the CLI's merge of the e2e run's adapter (run/merged), verified against HF+peft logits
@@ -58,13 +81,25 @@ PY
         && (cd /tmp && sha256sum -c /tmp/parts/SHA256SUMS) && rm -rf /tmp/site && mkdir -p /tmp/site \
         && tar -xJf /tmp/vllm.tar.xz -C /tmp/site && tar -xJf /tmp/deps.tar.xz -C /tmp/site
       rc=$?
-      # The trimmed vLLM has no flashinfer: its sampler must not be asked for.
-      export PYTHONPATH="$PYTHONPATH:/tmp/site" VLLM_USE_FLASHINFER_SAMPLER=0 VLLM_NO_USAGE_STATS=1
+      use_vllm
       python3 -c "import vllm; print('vllm', vllm.__version__)" || rc=1 ;;
-    serve)  # bench/serve.py: our Engine and chat client on vLLM, base + hot-loaded e2e adapter, then merged
-      python3 -m bench.serve --model "$CKPT" --adapter "$RUNS/e2e/adapter" --out "$OUT" ${SERVE_ARGS:-} \
-        --budget-s $((DEADLINE - $(date +%s) - 20)) 2>&1 | tee "$OUT/serve.log" | grep -v '^{'
-      rc=${PIPESTATUS[0]} ;;
+    serve-prep)  # no vLLM needed: the adapters (attention + experts) and their merge, kept for serve-warm
+      serve_bench prep --stages merge ;;
+    serve-cold)  # the first engine start on this host: base, both hot-loaded adapters, then vllm bench serve
+      serve_bench cold --stages base,hotload_attn,hotload_experts,vllm_bench
+      # When the LoRA-enabled engine did not start at all, the rest of the call measures the base with LoRA off.
+      python3 -c 'import json, sys; row = json.load(open(sys.argv[1]))["rows"][0]; sys.exit(row.get("start_s") is None)' \
+        /tmp/serve/cold/bench_serve.json || serve_bench cold-plain --stages plain,vllm_bench ;;
+    serve-warm)  # the same engine again (warm compile caches), the merged model, then HF generate and HF+peft
+      serve_bench warm --stages warm,merge,merged,hf --previous /tmp/serve/cold/bench_serve.json ;;
+    serve-hf)  # HF generate and HF+peft alone, against serve-warm's rows (when serve-warm ran out of time for it)
+      serve_bench hf --stages hf --previous /tmp/serve/warm/bench_serve.json ;;
+    serve-plain)  # the base on an engine with LoRA off (what enabling LoRA costs the base), and vllm bench serve on it
+      serve_bench plain --stages plain,vllm_bench --previous /tmp/serve/cold/bench_serve.json ;;
+    serve-moe:*)  # serve-moe:BACKEND: base and the attention + experts adapter with vLLM's --moe-backend BACKEND
+      serve_bench "moe-${stage#serve-moe:}" --stages base,hotload_experts --engine-arg "moe-backend=${stage#serve-moe:}" ;;
+    serve)  # bench/serve.py with SERVE_ARGS only (e.g. --adapter "$RUNS/e2e/adapter" --stages base,hotload_experts)
+      serve_bench serve ;;
     bench:*)
       IFS=: read -r _ grid only <<< "$stage"  # bench:GRID or bench:GRID:INDEX (that row, in its own process)
       budget=$((DEADLINE - $(date +%s) - ${ROW_S:-60}))  # no new row once a slow one could overrun
