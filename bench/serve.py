@@ -391,7 +391,8 @@ def _load_hf(model_dir: str, dtype_name: str, device: str):
     dtype = torch.float32 if dtype_name == "float32" else torch.bfloat16
     kwargs = {"dtype": dtype}
     note = f"{dtype_name} -> {str(dtype).removeprefix('torch.')}"
-    if is_mxfp4_config(json.loads((Path(model_dir) / "config.json").read_text())):
+    mxfp4 = is_mxfp4_config(json.loads((Path(model_dir) / "config.json").read_text()))
+    if mxfp4:
         from transformers import Mxfp4Config
 
         kwargs["quantization_config"] = Mxfp4Config(dequantize=True)
@@ -399,8 +400,8 @@ def _load_hf(model_dir: str, dtype_name: str, device: str):
     if device == "cuda":
         kwargs["device_map"] = "cuda"
     model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
-    if any(p.dtype != dtype for p in model.parameters()):
-        model, note = model.to(dtype), note + f", cast to {str(dtype).removeprefix('torch.')}"
+    if mxfp4 and dtype != torch.bfloat16:
+        model, note = model.to(dtype), note + f", then cast to {str(dtype).removeprefix('torch.')}"
     return model.eval(), note
 
 
@@ -543,14 +544,14 @@ def engine_args_applied(engine: Engine, args: argparse.Namespace) -> dict[str, b
 
 
 def serve_config(session: Session, args: argparse.Namespace, left_s: Callable[[], float]) -> ServeConfig:
+    """The app's serve config for this session; the engine decodes (and captures CUDA graphs for) up to the largest
+    stream count at once."""
     ranks = [plan.adapter_rank(p) for p in session.adapters.values() if p]
-    extra = {}
-    if "max_concurrency" in ServeConfig.model_fields:  # the serving policy's field, where it exists
-        extra["max_concurrency"] = max(max(args.streams), WARMUP_REQUESTS, args.hf_streams)
     return ServeConfig(model=session.model, dtype=args.dtype, max_model_len=args.max_model_len,
                        gpu_memory_utilization=args.gpu_memory_utilization, enforce_eager=args.enforce_eager,
                        port=args.port, cpu_kv_cache_gib=1, max_lora_rank=plan.vllm_lora_rank(max(ranks or [8])),
-                       start_timeout_s=min(600, left_s() - RESERVE_S), **extra)
+                       max_concurrency=max(*args.streams, WARMUP_REQUESTS),
+                       start_timeout_s=min(600, left_s() - RESERVE_S))
 
 
 def run_session(session: Session, args: argparse.Namespace, state_dir: Path, ctx: Context,
