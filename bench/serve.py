@@ -84,9 +84,9 @@ STAGES = ("base", "hotload_attn", "hotload_experts", "vllm_bench", "warm", "plai
 DEFAULT_STAGES = tuple(s for s in STAGES if s != "plain")  # plain costs one more engine start
 BASE_LIKE = ("base", "warm")  # rows the ratios refer to
 GPU = dict(streams="1,16,32,64", prompt_tokens=128, output_tokens=128, max_model_len=2048, dtype="auto",
-           hf_streams=32, tries=10, min_requests=4, row_s=45.0)
+           hf_streams=32, tries=10, min_requests=4, waves=4, row_s=45.0)
 SMOKE = dict(streams="1,4", prompt_tokens=16, output_tokens=16, max_model_len=512, dtype="float32",
-             hf_streams=4, tries=10, min_requests=2, row_s=5.0)
+             hf_streams=4, tries=10, min_requests=2, waves=1, row_s=5.0)
 WARMUP_REQUESTS = 8
 RESERVE_S = 60.0  # after an engine is up: at least one row and the stop
 PLAIN_IDS = 199_998  # o200k ranks below the special tokens
@@ -191,7 +191,8 @@ def throughput(engine: Engine, model: str, streams: int, requests: int, prompt_t
 
 
 def requests_for(streams: int, args: argparse.Namespace) -> int:
-    return max(streams, args.min_requests)
+    """`waves` batches' worth: a single batch of 64 finished in 1.4 s on the H200, too short to measure."""
+    return max(streams * args.waves, args.min_requests)
 
 
 def stream_chat(client: ChatClient, model: str, max_tokens: int) -> dict:
@@ -248,7 +249,7 @@ def greedy_probes(engine: Engine, model: str) -> dict:
 
 
 def serve_row(engine: Engine, row: dict, model: str, args: argparse.Namespace) -> None:
-    """Warm-up, the streamed chat, then throughput at every stream count."""
+    """Warm-up, the streamed chat, then throughput at every stream count (each after a batch of its size)."""
     row["model"] = model
     client = ChatClient.for_engine(engine)
     throughput(engine, model, WARMUP_REQUESTS, WARMUP_REQUESTS, args.prompt_tokens, args.output_tokens,
@@ -260,6 +261,10 @@ def serve_row(engine: Engine, row: dict, model: str, args: argparse.Namespace) -
         row["status"] = f"chat failed: {exc}"[:500]
     row["throughput"] = {}
     for streams in args.streams:
+        # One batch of this size first, not counted: vLLM's Triton kernels (fused MoE, LoRA) compile for each new
+        # batch size on first use, which cut the first rows of 2026-12-01 to half of `vllm bench serve`'s later.
+        throughput(engine, model, streams, streams, args.prompt_tokens, args.output_tokens,
+                   f"{model}/{row['stage']}/{streams}/warm-up")
         row["throughput"][str(streams)] = throughput(engine, model, streams, requests_for(streams, args),
                                                      args.prompt_tokens, args.output_tokens,
                                                      f"{model}/{row['stage']}/{streams}")
@@ -406,7 +411,8 @@ def _load_hf(model_dir: str, dtype_name: str, device: str):
 
 
 def hf_child(spec_path: str) -> None:
-    """In its own process: HF generate throughput on spec['model']; then HF+peft greedy against the merged engine."""
+    """In its own process: HF greedy decoding throughput on spec["model"]; then HF+peft greedy against the merged
+    engine."""
     import torch
 
     spec = json.loads(Path(spec_path).read_text())
@@ -420,17 +426,19 @@ def hf_child(spec_path: str) -> None:
     t = time.perf_counter()
     model, result["hf_note"] = _load_hf(spec["model"], spec["dtype"], device)
     result["hf_load_s"] = round(time.perf_counter() - t, 1)
-    ids = torch.tensor(random_prompts(spec["streams"], spec["prompt_tokens"], "hf"), device=device)
-    pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0
-    kwargs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False, pad_token_id=pad)
-    with torch.no_grad():
-        model.generate(**kwargs, max_new_tokens=2, min_new_tokens=2)  # kernels and allocator warm
-        sync()
-        t = time.perf_counter()
-        out = model.generate(**kwargs, max_new_tokens=spec["output_tokens"], min_new_tokens=spec["output_tokens"])
-        sync()
+    # transformers' generate() switches MoE experts to "batched_mm" on a GPU, which copies each token's expert weights:
+    # 32 prompts of 128 tokens asked for 510 GiB on the H200 (2026-12-01). The same greedy decoding with the model's
+    # own grouped_mm experts and its KV cache is greedy_hf.
+    result["hf_note"] += "; greedy decoding with the KV cache (greedy_hf), experts " + str(
+        getattr(model.config, "_experts_implementation", None))
+    prompts = random_prompts(spec["streams"], spec["prompt_tokens"], "hf")
+    greedy_hf(model, prompts, 2, device)  # kernels and allocator warm
+    sync()
+    t = time.perf_counter()
+    out = greedy_hf(model, prompts, spec["output_tokens"], device)
+    sync()
     wall = time.perf_counter() - t
-    tokens = int(out.shape[0] * (out.shape[1] - ids.shape[1]))
+    tokens = sum(len(row) for row in out)
     result.update(hf_streams=spec["streams"], hf_out_tokens=tokens, hf_wall_s=round(wall, 3),
                   hf_out_tok_s=round(tokens / wall, 1))
     if device == "cuda":
@@ -702,9 +710,10 @@ def _vllm_version() -> str:
 
 def markdown(rows: list[dict], meta: dict) -> str:
     a = meta["args"]
-    head = (f"{meta['device']}, {meta['vllm']}, {meta['date']}; at each stream count c, max(c, {a['min_requests']}) "
-            f"completions of {a['prompt_tokens']} random prompt + {a['output_tokens']} output tokens (ignore_eos), "
-            f"c at a time; one streamed greedy chat of up to {a['output_tokens']} tokens"
+    head = (f"{meta['device']}, {meta['vllm']}, {meta['date']}; at each stream count c, "
+            f"max({a['waves']} c, {a['min_requests']}) completions of {a['prompt_tokens']} random prompt + "
+            f"{a['output_tokens']} output tokens (ignore_eos), c at a time, after one uncounted batch of c; "
+            f"one streamed greedy chat of up to {a['output_tokens']} tokens"
             + (f"; engine args {' '.join(a['engine_arg'])}" if a.get("engine_arg") else "") + "\n\n")
     cols = {"stage": "stage", "model": "model", "adapter": "adapter", "start_s": "start s",
             "start_warm_s": "warm start s", "merge_s": "merge s", "hotload_s": "hot-load s",
@@ -771,7 +780,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stages", default=",".join(DEFAULT_STAGES), help="comma-separated, of " + ",".join(STAGES))
     parser.add_argument("--streams", help=f"comma-separated stream counts; default {GPU['streams']}, "
                         f"smoke {SMOKE['streams']}")
-    for key in ("prompt_tokens", "output_tokens", "max_model_len", "hf_streams", "tries", "min_requests"):
+    for key in ("prompt_tokens", "output_tokens", "max_model_len", "hf_streams", "tries", "min_requests", "waves"):
         parser.add_argument("--" + key.replace("_", "-"), type=int, help=f"default {GPU[key]}, smoke {SMOKE[key]}")
     parser.add_argument("--row-s", type=float, help="start no row with less than this left of --budget-s")
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.85)

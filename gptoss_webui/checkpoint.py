@@ -18,11 +18,12 @@ from gptoss_webui.config import ConfigError
 from gptoss_webui.mxfp4 import EXPERT_WEIGHTS, check_scales
 
 
-def decode_expert_tensors(tensors: dict, dtype) -> dict:
+def decode_expert_tensors(tensors: dict, dtype, keep_on: str | None = None) -> dict:
     """Checkpoint tensors with every MXFP4 `<weight>_blocks/_scales` pair replaced by `<weight>` in `dtype`, in
     transformers' [E, in, out] layout (what Mxfp4Config(dequantize=True) holds). The decode runs on the GPU where
     there is one (a CPU core takes about 0.12 s per 20b expert), and the decoded weights stay there, where training
-    needs them: not 39 GiB copied back to the CPU and up again. Changes and returns `tensors`."""
+    needs them: not 39 GiB copied back to the CPU and up again. `keep_on`: move each decoded weight there instead
+    (the merge, when the model does not fit the GPU). Changes and returns `tensors`."""
     from gptoss_webui.mxfp4 import decode
 
     for key in [k for k in tensors if k.endswith("_blocks")]:
@@ -30,7 +31,8 @@ def decode_expert_tensors(tensors: dict, dtype) -> dict:
         codes, scales = tensors.pop(key), tensors.pop(f"{name}_scales")
         check_scales(f"{name}_scales", scales)
         where = "cuda" if torch.cuda.is_available() else codes.device
-        tensors[name] = decode(codes.to(where), scales.to(where), dtype).transpose(1, 2).contiguous()
+        weight = decode(codes.to(where), scales.to(where), dtype).transpose(1, 2).contiguous()
+        tensors[name] = weight if keep_on is None else weight.to(keep_on)
     return tensors
 
 

@@ -116,6 +116,9 @@ class TrainConfig(_Strict):
         "load as stored")
     attention: Attention = Field("auto", description="auto picks per device and architecture")
     gradient_checkpointing: bool = True
+    offload_activations: bool = Field(False, description="Keep the tensors saved for the backward (with "
+                                      "checkpointing: each layer's input) in pinned CPU memory: longer sequences "
+                                      "fit, and every step copies them out and back")
     compile: bool = Field(False, description="torch.compile each decoder layer (GPU): faster steps after a "
                           "one-time compile of about a minute")
     num_gpus: int | None = Field(None, ge=1, description="Ranks to launch; None = all visible GPUs "

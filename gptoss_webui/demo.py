@@ -21,7 +21,7 @@ from gptoss_webui.paths import workspace_dir
 from gptoss_webui.sources import resolve_dataset
 from gptoss_webui.tokenizer import VOCAB_SIZE, build_tokenizer, harmony_special_tokens, sha256
 
-BUILD_VERSION = 1  # bump when the recipe below changes: cached builds are then rebuilt
+BUILD_VERSION = 2  # bump when the recipe below changes: cached builds are then rebuilt
 
 
 @dataclass(frozen=True)

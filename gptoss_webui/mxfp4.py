@@ -175,6 +175,8 @@ def write_random_checkpoint(config, out_dir, dtype: torch.dtype, device: str = "
     """random_checkpoint_tensors saved as the released checkpoints are (save_checkpoint), built shard by shard
     on `device`: nothing holds the whole model."""
     cfg = config.to_dict()
+    # A config built from scratch names no architecture; vLLM then serves the folder as an embedding model.
+    cfg["architectures"] = ["GptOssForCausalLM"]
     cfg["quantization_config"] = QUANTIZATION_CONFIG
     cfg["dtype"] = str(dtype).removeprefix("torch.")
     save_checkpoint(random_checkpoint_tensors(config, dtype, device, seed), cfg, out_dir)

@@ -36,12 +36,14 @@ def test_every_grid_starts_with_the_core_rows():
 def test_smoke_grid_runs_and_the_estimator_counts_what_peft_builds(tmp_path):
     assert main(["--grid", "smoke", "--out", str(tmp_path), "--warmup", "0", "--steps", "1"]) == 0
     rows = json.loads((tmp_path / "bench_train.json").read_text())["rows"]
-    assert [r["status"] for r in rows] == ["ok", "ok", "ok", "ok"]
+    assert [r["status"] for r in rows] == ["ok", "ok", "ok", "ok", "ok"]
     assert rows[2]["seq"] == 40 and "padded to 64" in rows[2]["name"]
     assert rows[3]["base"] == "mxfp4"  # the MXFP4-resident experts, built as the worker builds them
+    assert rows[4]["offload"] and "offload" in rows[4]["name"]  # the same losses: test_train_variants_e2e
     for row in rows:
         assert row["trainable_params"] == row["est_trainable"]
         assert 11.0 < row["loss_first"] < 13.0  # random weights: about ln(201,088) = 12.2
     table = (tmp_path / "bench_train.md").read_text()
     assert table.count("\n| ours |") == 2 and "| ours mxfp4 |" in table and "| hf |" in table
+    assert "| ours offload |" in table
     assert markdown(rows, json.loads((tmp_path / "bench_train.json").read_text())["meta"]) == table

@@ -403,3 +403,25 @@ def test_fits_is_total_against_gpu_memory():
     tight = estimate(_cfg(), GPT_OSS_20B, est.total_gib - 0.01, 1)
     assert est.fits and not tight.fits and tight.margin_gib == pytest.approx(-0.01)
     assert GIB == 2**30
+
+
+def test_offloaded_activations_leave_one_layer_input_on_the_gpu():
+    """offload_activations: what the forward saves waits in CPU memory (not counted on the GPU); the backward holds
+    one layer's input at a time, and the final norm's input, again."""
+    on, off = (load_recipe("gpt-oss-20b-1xh100", ["train.data.max_length=65536", "train.base_weights=bf16",
+                                                  f"train.offload_activations={flag}"]).train
+               for flag in ("true", "false"))
+    est_on, est_off = (estimate(cfg, GPT_OSS_20B, 79.0, 1) for cfg in (on, off))
+    final = 65536 * 2880 * (4 + 2)
+    cpu = next(t for t in est_on.terms if str(t.name) == "saved activations, in CPU memory")
+    assert not cpu.counted and cpu.gib == pytest.approx(_terms(est_off)["saved activations"])
+    assert _terms(est_on)["saved activations"] == pytest.approx((65536 * 2880 * 2 + final) / 2**30)
+    assert est_off.total_gib - est_on.total_gib == pytest.approx(1.05 * 23 * 65536 * 2880 * 2 / 2**30)
+    assert est_on.longest_max_length > est_off.longest_max_length
+
+
+def test_a_length_that_only_offload_fits_is_offered_offload_not_a_shorter_length():
+    cfg = load_recipe("gpt-oss-20b-1xh100", ["train.data.max_length=98304", "train.base_weights=bf16"]).train
+    est = estimate(cfg, dataclasses.replace(GPT_OSS_20B, mxfp4_experts=False), 79.0, 1)
+    assert not est.fits and est.fix is not None
+    assert est.fix.overrides == ["train.offload_activations=true"]

@@ -206,6 +206,7 @@ def test_merge_writes_what_vllm_loads(tiny_gpt_oss_mxfp4, tmp_path, expert_layer
     assert result.ok and result.adapter_effect > 1e-2 and result.experts == experts
     config = json.loads((tmp_path / "merged" / "config.json").read_text())
     assert ("quantization_config" in config) is quantized
+    assert config["architectures"] == ["GptOssForCausalLM"]  # else vLLM serves embeddings
     merged, base = read_safetensors(tmp_path / "merged"), read_safetensors(tiny_gpt_oss_mxfp4)
     key = "model.layers.1.mlp.experts.down_proj"
     if quantized:

@@ -149,6 +149,10 @@ def test_model_checks_before_start(tmp_path):
         plan.check_model(str(tmp_path / "missing"), cpu=True)
     assert plan.check_model("openai/gpt-oss-20b", cpu=True) == {}  # a hub name is vLLM's to fetch
     (tmp_path / "config.json").write_text(json.dumps({"hidden_size": 64, "num_attention_heads": 4}))
+    with pytest.raises(plan.PlanError, match=r"no causal language model .*found: none.*GptOssForCausalLM"):
+        plan.check_model(str(tmp_path), cpu=False)  # vLLM would serve embeddings (seen on the H200, 2026-12-01)
+    (tmp_path / "config.json").write_text(json.dumps({"hidden_size": 64, "num_attention_heads": 4,
+                                                      "architectures": ["GptOssForCausalLM"]}))
     with pytest.raises(plan.PlanError, match="head size is 16"):
         plan.check_model(str(tmp_path), cpu=True)
     assert plan.check_model(str(tmp_path), cpu=False)["hidden_size"] == 64
@@ -344,3 +348,58 @@ def test_serve_errors_and_reasons_read_in_the_page_language(tmp_path):
     shown = engine_md(Snapshot("stopped", EngineInfo(), task, ""), "zh")
     assert "- 改为合并 adapter：" in shown and "无法启动引擎：找不到模型" in shown
     assert "cannot" not in shown
+
+
+def test_another_server_on_the_port_is_not_taken_for_the_engine(tmp_path):
+    """A starting engine is running only once /health answers from a process of its own: a server another checkout
+    left on the port answers too (seen when two test runs shared a machine), and must not pass for ours."""
+    import subprocess
+    import sys
+
+    from gptoss_webui.processes import start_time_of
+    from gptoss_webui.serve.procs import port_free, wait_port_free
+    from gptoss_webui.serve.state import write_state
+
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "health").write_text("ok")  # GET /health -> 200
+    port = next(p for p in range(18600, 18700) if port_free("127.0.0.1", p))
+    stranger = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1",
+                                 "--directory", str(tmp_path / "site")], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+    ours = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])  # still loading, not listening
+    try:
+        deadline = time.time() + 20
+        while port_free("127.0.0.1", port) and time.time() < deadline:
+            time.sleep(0.1)
+        state = tmp_path / "engine.json"
+        for proc, expected in ((ours, "starting"), (stranger, "running")):
+            write_state(state, EngineInfo(state="starting", port=port, pid=proc.pid,
+                                          create_time=start_time_of(proc.pid), started_at=time.time()))
+            assert Engine(state).status().state == expected
+    finally:
+        for proc in (stranger, ours):
+            proc.kill()
+            proc.wait()
+        wait_port_free("127.0.0.1", port, 10)
+
+
+def test_a_deleted_state_file_does_not_lose_a_live_engine(tmp_path):
+    """Someone deletes workspace/engine.json while the engine runs: the Engine still knows its process (it could
+    not stop it otherwise) and writes its record again."""
+    import subprocess
+    import sys
+
+    from gptoss_webui.processes import start_time_of
+    from gptoss_webui.serve.state import read_state, write_state
+
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        state = tmp_path / "engine.json"
+        write_state(state, EngineInfo(state="running", pid=proc.pid, create_time=start_time_of(proc.pid)))
+        engine = Engine(state)
+        state.unlink()
+        assert engine.status().state == "running" and engine.info.pid == proc.pid
+        assert read_state(state).pid == proc.pid
+    finally:
+        proc.kill()
+        proc.wait()

@@ -4,6 +4,7 @@
   adapter merges through the CLI into a model that reproduces HF+peft's logits.
 - ZeRO-3 with expert LoRA: an uninterrupted run is the reference; a second run is stopped after a checkpoint and
   resumed, and must finish with the same losses.
+- Activation offload: the saved tensors in CPU memory change where they wait, not the losses.
 """
 
 from __future__ import annotations
@@ -93,3 +94,17 @@ def test_zero3_with_expert_lora_stops_resumes_and_matches(tmp_path):
     assert [e["step"] for e in tail] == list(range(resumed_from + 1, 9))
     for e in tail:
         assert e["loss"] == pytest.approx(expected[e["step"]], abs=2e-3), e["step"]
+
+
+def test_offloaded_activations_train_with_the_same_losses(tmp_path):
+    losses = {}
+    for name, flag in (("kept", "false"), ("offloaded", "true")):
+        proc = _cli("train", "--config", "tiny-cpu-demo", "--set", "optim.max_steps=3", "--set", "save_steps=10",
+                    "--set", f"offload_activations={flag}", "--set", f"runs_dir={tmp_path}",
+                    "--set", f"run_name={name}")
+        run = Run(tmp_path / name)
+        assert proc.returncode == 0, f"{proc.stdout}\n{proc.stderr}"
+        events = read_all(run.events_path)
+        assert next(e for e in events if e["type"] == "start")["config"]["offload_activations"] is (flag == "true")
+        losses[name] = [e["loss"] for e in events if e["type"] == "step"]
+    assert len(losses["offloaded"]) == 3 and losses["offloaded"] == pytest.approx(losses["kept"], abs=1e-6)

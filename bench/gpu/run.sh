@@ -83,17 +83,18 @@ PY
       rc=$?
       use_vllm
       python3 -c "import vllm; print('vllm', vllm.__version__)" || rc=1 ;;
-    serve-prep)  # no vLLM needed: the adapters (attention + experts) and their merge, kept for serve-warm
+    serve-prep)  # no vLLM needed: the adapters (attention + experts) and their merge, kept for serve-merged
       serve_bench prep --stages merge ;;
-    serve-cold)  # the first engine start on this host: base, both hot-loaded adapters, then vllm bench serve
-      serve_bench cold --stages base,hotload_attn,hotload_experts,vllm_bench
+    serve-cold)  # the first engine start on this host: base, both hot-loaded adapters, vllm bench serve, then the same
+      # engine started again (warm compile caches) while the budget lasts
+      serve_bench cold --stages base,hotload_attn,hotload_experts,vllm_bench,warm
       # When the LoRA-enabled engine did not start at all, the rest of the call measures the base with LoRA off.
       python3 -c 'import json, sys; row = json.load(open(sys.argv[1]))["rows"][0]; sys.exit(row.get("start_s") is None)' \
         /tmp/serve/cold/bench_serve.json || serve_bench cold-plain --stages plain,vllm_bench ;;
-    serve-warm)  # the same engine again (warm compile caches), the merged model, then HF generate and HF+peft
-      serve_bench warm --stages warm,merge,merged,hf --previous /tmp/serve/cold/bench_serve.json ;;
-    serve-hf)  # HF generate and HF+peft alone, against serve-warm's rows (when serve-warm ran out of time for it)
-      serve_bench hf --stages hf --previous /tmp/serve/warm/bench_serve.json ;;
+    serve-merged)  # after serve-cold (which measured the warm start): the merged model, HF generate, HF+peft
+      serve_bench merged --stages merge,merged,hf --previous /tmp/serve/cold/bench_serve.json ;;
+    serve-hf)  # HF greedy and HF+peft alone, against serve-merged's rows (when serve-merged ran out of time for it)
+      serve_bench hf --stages hf --previous /tmp/serve/merged/bench_serve.json ;;
     serve-plain)  # the base on an engine with LoRA off (what enabling LoRA costs the base), and vllm bench serve on it
       serve_bench plain --stages plain,vllm_bench --previous /tmp/serve/cold/bench_serve.json ;;
     serve-moe:*)  # serve-moe:BACKEND: base and the attention + experts adapter with vLLM's --moe-backend BACKEND

@@ -13,9 +13,14 @@ if [ -f "$CARRY/tokenizer.tar.xz" ]; then
   tar -xJf "$CARRY/tokenizer.tar.xz" -C "$TOKENIZER"
   mv "$TOKENIZER/o200k_base.tiktoken" "$GPTOSS_WORKSPACE/cache/tiktoken/"
 fi
-python3 -m pip install -q --no-index --no-build-isolation --no-cache-dir --find-links "$CARRY/wheels" \
-  deepspeed==0.19.8 pydantic==2.14.4 hjson
-python3 -m pip install -q --no-index --no-deps --no-cache-dir --find-links "$CARRY/wheels" peft==0.21.2
+# A later call on the same host may come without .gpu_carry: the wheels an earlier call installed are still there.
+if [ -d "$CARRY/wheels" ]; then
+  python3 -m pip install -q --no-index --no-build-isolation --no-cache-dir --find-links "$CARRY/wheels" \
+    deepspeed==0.19.8 pydantic==2.14.4 hjson
+  python3 -m pip install -q --no-index --no-deps --no-cache-dir --find-links "$CARRY/wheels" peft==0.21.2
+else
+  python3 -c "import deepspeed, pydantic" || { echo "no $CARRY and no earlier install on this host"; return 1; }
+fi
 # The launcher runs the `deepspeed` script that sits beside sys.executable; pip may have put it elsewhere.
 PYBIN=$(python3 -c 'import os, sys; print(os.path.dirname(sys.executable))')
 [ -x "$PYBIN/deepspeed" ] || ln -sf "$(command -v deepspeed)" "$PYBIN/deepspeed"

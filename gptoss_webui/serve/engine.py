@@ -76,13 +76,16 @@ class Engine:
         with self._lock:
             if self.info.state == "starting" and self.info.pid is None:
                 return self.info  # start() is still preparing (a merge can take minutes): no process yet
-            if stamp(self.state_path) != self._stamp:  # another process (the CLI, the UI) changed it: take its word
-                self.info, self._stamp = read_state(self.state_path), stamp(self.state_path)
+            if (now := stamp(self.state_path)) != self._stamp:
+                if now is None and self.info.live:  # deleted under a live engine: our record stands
+                    self._save()
+                else:  # another process (the CLI, the UI) changed it: take its word
+                    self.info, self._stamp = read_state(self.state_path), now
             info = self.info
             if info.live and not self._running():
                 self._mark_crashed(self._exit_cause())
             elif info.state == "starting":
-                if healthy(info.base_url, timeout=1.0):
+                if healthy(info.base_url, timeout=1.0) and procs.owns_port(info.pid, info.create_time, info.port):
                     info.state, info.ready_at = "running", time.time()
                     info.phase = "loading adapters" if info.pending_adapters else ""
                     self._save()

@@ -82,9 +82,23 @@ def _load_base(base: str, dtype_name: str):
     dtype = getattr(torch, dtype_name)
     config = AutoConfig.from_pretrained(base)
     if is_mxfp4_config(config):
-        tensors = decode_expert_tensors(read_safetensors(Path(base)), dtype)
-        return assemble_model(config, tensors, dtype, "eager", source=base)
+        tensors = read_safetensors(Path(base))
+        device = _merge_device(tensors, dtype)
+        tensors = decode_expert_tensors(tensors, dtype, keep_on=device)
+        return assemble_model(config, tensors, dtype, "eager", source=base).to(device)
     return AutoModelForCausalLM.from_pretrained(base, dtype=dtype)
+
+
+def _merge_device(tensors: dict, dtype) -> str:
+    """Where the whole model goes for the merge, all on one device: the GPU when the model, experts decoded, fits
+    in its free memory with a quarter to spare (fast), else the CPU (a 16 or 24 GB card)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return "cpu"
+    values = sum(t.numel() * (2 if k.endswith("_blocks") else 1) for k, t in tensors.items()
+                 if not k.endswith("_scales"))  # a code byte holds two values
+    return "cuda" if values * dtype.itemsize * 1.25 < torch.cuda.mem_get_info()[0] else "cpu"
 
 
 def _save_keeping_mxfp4_experts(merged, base: str, out_dir: Path) -> None:

@@ -65,6 +65,10 @@ def check_model(model: str, cpu: bool) -> dict:
     if (path / "adapter_config.json").is_file():
         raise PlanError(say("serving.plan.is_adapter", model=model))
     cfg = model_config(path)
+    archs = cfg.get("architectures") or []
+    if not any(str(a).endswith("ForCausalLM") for a in archs):
+        # vLLM picks the task from this list: without a causal LM in it, it serves embeddings and no chat.
+        raise PlanError(say("serving.plan.not_causal_lm", model=model, archs=", ".join(map(str, archs)) or "none"))
     if cpu:
         head = cfg.get("head_dim") or (cfg.get("hidden_size", 0) // max(1, cfg.get("num_attention_heads", 1)))
         if head and head not in CPU_HEAD_SIZES:

@@ -31,6 +31,21 @@ def engine_members(pid: int, create_time: float | None) -> list[psutil.Process]:
     return list(found.values())
 
 
+def owns_port(pid: int, create_time: float | None, port: int) -> bool:
+    """Does the engine, or a process it started, listen on `port`? Another server that answers there (a second
+    checkout's engine, say) is not ours. Where the system will not tell, trust the port as before."""
+    for p in engine_members(pid, create_time):
+        try:
+            conns = p.net_connections(kind="inet")
+        except psutil.AccessDenied:
+            return True
+        except psutil.NoSuchProcess:
+            continue
+        if any(c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port for c in conns):
+            return True
+    return False
+
+
 def _is_vllm(p: psutil.Process) -> bool:
     return "vllm" in f"{p.name()} {' '.join(p.cmdline() or [])}".lower()
 

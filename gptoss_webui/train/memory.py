@@ -342,6 +342,12 @@ def estimate(train_cfg: TrainConfig, arch: Architecture, gpu_gib: float | None, 
         rows = min(tokens, loss_slice_rows(arch.vocab))
         logits = rows * arch.vocab * (4 + 2 * p) + tokens * arch.hidden * p
         logits_detail = say("memory.detail.sliced_logits", rows=rows, vocab=arch.vocab, p=p)
+    if cfg.offload_activations:
+        # Pinned CPU memory holds what the forward saves (worker.saved_tensors_place); the backward brings back one
+        # layer's input at a time, and the loss its hidden states.
+        back = tokens * arch.hidden * p
+        terms.append(Term(say("memory.term.saved_offloaded"), saved / GIB, saved_detail, counted=False))
+        saved, saved_detail = back + final, say("memory.detail.saved_back", b=b, s=s, hidden=arch.hidden, p=p)
     loss_peak = logits >= layer
     loss_name = say("memory.term.logits")
     terms.append(Term(say("memory.term.saved"), saved / GIB, saved_detail))
@@ -440,6 +446,8 @@ def _steps(cfg: TrainConfig, arch: Architecture, n: int, on_gpu: bool) -> list[l
         alts.append(_Change(say("memory.change.micro_batch", mb=mb, new=new, gas=gas, new_gas=new_gas),
                             {"optim.micro_batch_size": new, "optim.gradient_accumulation_steps": new_gas}))
     steps.append(alts)
+    if on_gpu and not cfg.offload_activations:  # slower steps, the same data: before a shorter max_length
+        steps.append([_Change(say("memory.change.offload_activations"), {"offload_activations": True})])
     length, s, alts = cfg.data.max_length, cfg.data.max_length // 2, []
     while s >= MIN_MAX_LENGTH:
         alts.append(_Change(say("memory.change.max_length", length=length, new=s), {"data.max_length": s}))

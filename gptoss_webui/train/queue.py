@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,8 +19,8 @@ from gptoss_webui.config import TrainConfig
 from gptoss_webui.hardware import visible_ids
 from gptoss_webui.messages import Message, joined, say
 from gptoss_webui.paths import engine_state_file
-from gptoss_webui.processes import alive
 from gptoss_webui.runs import Run, RunsDir
+from gptoss_webui.serve.state import read_state
 
 LOCK_NAME = ".gpu-ledger.lock"
 HOLDING = ("running", "stopping")
@@ -46,13 +45,9 @@ def ledger_lock(runs_dir: str | Path) -> Iterator[None]:
 
 
 def _engine_gpus() -> list[int]:
-    """The GPU ids a live serving engine holds, from its state file (its process checked, as serve/engine does)."""
-    try:
-        info = json.loads(engine_state_file().read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return []
-    live = info.get("state") in ("starting", "running") and alive(info.get("pid"), info.get("create_time"))
-    return list(info.get("gpus") or []) if live else []
+    """The GPU ids a live serving engine holds, from its state file (read_state checks its process)."""
+    info = read_state(engine_state_file())
+    return list(info.gpus) if info.live else []
 
 
 def holders(runs_dir: str | Path, gpus: list[int], me: Run | None = None) -> list[Message]:

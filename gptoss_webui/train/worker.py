@@ -10,6 +10,7 @@ every rank to stop at the same step, save a checkpoint, and write a `stopped` ev
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import os
 import resource
@@ -81,11 +82,30 @@ class DocumentCollator:
         return {"input_ids": ids, "labels": labels, "position_ids": positions}
 
 
+def saved_tensors_place(cfg: TrainConfig) -> contextlib.AbstractContextManager:
+    """Where the forward keeps what the backward needs: the GPU, or with offload_activations pinned CPU memory (torch's
+    save_on_cpu; under checkpointing that is each layer's input, the recomputed layers are untouched). The backward
+    brings each tensor back when it needs it, outside this context too."""
+    if not cfg.offload_activations:
+        return contextlib.nullcontext()
+    return torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available())
+
+
 class AdapterTrainer(Trainer):
-    """The Trainer, saving only what LoRA trains. Under ZeRO-2 the Trainer's save_model first clones the whole state
-    dict to the CPU (accelerate's get_state_dict): 39 GiB of frozen bf16 weights on gpt-oss-20b, about 27 s a save
-    (H200, 2026-12-01), for a 30 MB adapter. The adapter is the trainable parameters; ZeRO-3, whose parameters are
-    sharded, keeps the Trainer's own path (it gathers only the trainable ones)."""
+    """The Trainer, saving only what LoRA trains, its forward keeping saved tensors where the config says.
+
+    Under ZeRO-2 the Trainer's save_model first clones the whole state dict to the CPU (accelerate's get_state_dict):
+    39 GiB of frozen bf16 weights on gpt-oss-20b, about 27 s a save (H200, 2026-12-01), for a 30 MB adapter. The
+    adapter is the trainable parameters; ZeRO-3, whose parameters are sharded, keeps the Trainer's own path (it
+    gathers only the trainable ones)."""
+
+    def __init__(self, *args: Any, train_config: TrainConfig, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.train_config = train_config
+
+    def compute_loss(self, model, inputs, *args: Any, **kwargs: Any):
+        with saved_tensors_place(self.train_config):
+            return super().compute_loss(model, inputs, *args, **kwargs)
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         if self.is_deepspeed_enabled and self.deepspeed.zero_optimization_stage() == 3:
@@ -294,6 +314,7 @@ class LoraFinetune:
                                            multiple=128 if self.attention == "flex_attention" else 1,
                                            width=cfg.data.max_length if cfg.data.packing else None),
             callbacks=[ProgressCallback(self.events, self.stop, self.run, self._start_info(model))],
+            train_config=cfg,
         )
 
     def _training_args(self):
@@ -356,7 +377,7 @@ class LoraFinetune:
             "config": {"lora_r": cfg.lora.r, "lr": cfg.optim.learning_rate, "precision": cfg.precision,
                        "zero_stage": cfg.deepspeed.stage if cfg.deepspeed.enabled else None,
                        "gradient_checkpointing": cfg.gradient_checkpointing, "compile": cfg.compile,
-                       "max_length": cfg.data.max_length},
+                       "offload_activations": cfg.offload_activations, "max_length": cfg.data.max_length},
         }
 
     # --- train and save -------------------------------------------------------------------------

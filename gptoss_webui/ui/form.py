@@ -94,6 +94,7 @@ FIELDS: list[FormField] = [
     _F("train.lora.expert_layers", "train.lora_layers", "layers", group="lora"),
     _F("train.gradient_checkpointing", "train.checkpointing", "check", group="memory"),
     _F("train.compile", "train.compile", "check", group="memory"),
+    _F("train.offload_activations", "train.offload_activations", "check", group="memory"),
     _F("train.deepspeed.stage", "train.ds_stage", "radio", group="memory"),
     _F("train.deepspeed.offload_optimizer", "train.offload_optimizer", "check", group="memory"),
     _F("train.deepspeed.offload_params", "train.offload_params", "check", group="memory"),
