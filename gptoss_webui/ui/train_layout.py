@@ -22,7 +22,8 @@ Component = Any  # a gradio component
 FIELD_ROWS = {
     "train.group.lora": [("train.lora_r", "train.lora_alpha", "train.lora_dropout"),
                          ("train.lora_targets", "train.lora_experts", "train.lora_layers")],
-    "train.group.memory": [("train.checkpointing", "train.ds_stage", "train.offload_optimizer", "train.offload_params"),
+    "train.group.memory": [("train.checkpointing", "train.offload_activations", "train.ds_stage",
+                            "train.offload_optimizer", "train.offload_params"),
                            ("train.precision", "train.base_weights", "train.attention", "train.compile")],
     "train.group.schedule": [("train.micro_batch", "train.grad_accum", "train.lr"),
                              ("train.epochs", "train.max_steps", "train.save_steps")],
