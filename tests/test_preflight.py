@@ -149,3 +149,23 @@ def test_lora_and_attention_refusals_read_in_chinese(tmp_path):
     with pytest.raises(AttentionError) as info:
         choose_attention("sdpa", "gpt_oss", on_gpu=True)
     assert text(info.value, "zh").startswith("transformers 不允许 gpt-oss 使用 attention=sdpa（注意力 sink）")
+
+
+def test_offloaded_activations_beyond_the_host_memory_are_refused(tmp_path):
+    """Pinned pages cannot be swapped out: activations offloaded past the machine's free memory would kill the run
+    mid-step, so the launch says so first (the 20b's config, 8 ranks of 131,072 tokens: hundreds of GiB)."""
+    import psutil
+
+    from bench.model import gpt_oss_20b_config
+
+    model = tmp_path / "gpt-oss-20b-shape"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({**gpt_oss_20b_config().to_dict(),
+                                                   "architectures": ["GptOssForCausalLM"]}))
+    overrides = [f"train.model={model}", "train.gpu_memory_gib=1000", "train.num_gpus=8",
+                 "train.data.max_length=131072", "train.precision=bf16", "train.offload_activations=true"]
+    with pytest.raises(LaunchError, match=r"GiB of activations in pinned CPU memory \(8 rank\(s\)\).*turn "
+                                          r"offload_activations off") as refused:
+        _launch(tmp_path, *overrides)
+    need = float(str(refused.value).split("keeps ")[1].split(" GiB")[0])
+    assert need > 0.9 * psutil.virtual_memory().available / 2**30

@@ -99,6 +99,10 @@ def _check_memory(cfg: TrainConfig) -> None:
     estimate = estimate_for_recipe(cfg)
     if not estimate.fits:
         raise LaunchError(f"{estimate.report()}\nLaunch anyway with --force (CLI) or the Force box (UI).")
+    if estimate.offloaded_gib and not cfg.hostfile:  # pinned pages cannot swap: a shortfall kills the run mid-step
+        need, have = estimate.offloaded_gib * estimate.world_size, psutil.virtual_memory().available / 2**30
+        if need > 0.9 * have:
+            raise LaunchError(say("launch.host_memory", need=need, ranks=estimate.world_size, have=have))
     mine = queue.planned_gpus(cfg, world_size(cfg))
     if _has_gpu() and not queue.holders(cfg.runs_dir, mine):  # memory our own jobs hold will be theirs to free
         from gptoss_webui.hardware import gpus

@@ -142,6 +142,7 @@ class Estimate:
     keep_decoded: bool = False  # MXFP4: the recomputed layer's decoded experts kept for its backward (the worker's)
     fix: Fix | None = None
     longest_max_length: int | None = None  # the longest data.max_length that fits, all else kept
+    offloaded_gib: float = 0.0  # pinned CPU memory each rank's offloaded activations take (offload_activations)
     notes: list[Message] = field(default_factory=list)
 
     @property
@@ -342,10 +343,11 @@ def estimate(train_cfg: TrainConfig, arch: Architecture, gpu_gib: float | None, 
         rows = min(tokens, loss_slice_rows(arch.vocab))
         logits = rows * arch.vocab * (4 + 2 * p) + tokens * arch.hidden * p
         logits_detail = say("memory.detail.sliced_logits", rows=rows, vocab=arch.vocab, p=p)
+    offloaded = 0.0
     if cfg.offload_activations:
         # Pinned CPU memory holds what the forward saves (worker.saved_tensors_place); the backward brings back one
         # layer's input at a time, and the loss its hidden states.
-        back = tokens * arch.hidden * p
+        back, offloaded = tokens * arch.hidden * p, saved / GIB
         terms.append(Term(say("memory.term.saved_offloaded"), saved / GIB, saved_detail, counted=False))
         saved, saved_detail = back + final, say("memory.detail.saved_back", b=b, s=s, hidden=arch.hidden, p=p)
     loss_peak = logits >= layer
@@ -381,7 +383,7 @@ def estimate(train_cfg: TrainConfig, arch: Architecture, gpu_gib: float | None, 
                    total_gib=total, gpu_gib=gpu_gib, world_size=n, fits=fits, margin_gib=margin,
                    trainable_params=P, total_params=arch.total_params, attention=attention,
                    peak_at=loss_name if loss_peak else layer_name, base_weights=base_weights, keep_decoded=keep,
-                   notes=notes)
+                   offloaded_gib=offloaded, notes=notes)
     if keep and not fits and keep_decoded is None:  # decoding again in the backward may fit: slower, not out
         slower = estimate(cfg, arch, gpu_gib, world_size, on_gpu=on_gpu, search_fix=search_fix, plain_hf=plain_hf,
                           keep_decoded=False)
