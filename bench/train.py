@@ -66,12 +66,17 @@ class Case:
     @property
     def name(self) -> str:
         pad = f" mask, padded to {self.length}" if self.pad_to else ""
-        setup = f"{self.setup}+compile" if self.compile else self.setup
-        setup += " mxfp4" if self.base == "mxfp4" else ""
-        setup += " offload" if self.offload else ""
+        setup = setup_label(asdict(self))
         batch = f"{self.batch} x " if self.batch > 1 else ""
         return (f"{setup} {self.lora} {self.attention} ckpt={'on' if self.checkpointing else 'off'} "
                 f"seq={batch}{self.seq}{pad}")
+
+
+def setup_label(case: dict[str, Any]) -> str:
+    """"ours+compile mxfp4 offload": a Case's setup and the switches that change it (a Case as a dict, or a row)."""
+    label = case["setup"] + ("+compile" if case.get("compile") else "")
+    label += " mxfp4" if case.get("base") == "mxfp4" else ""
+    return label + (" offload" if case.get("offload") else "")
 
 
 def _c(setup: str, seq: int, ckpt: bool, attention: str, lora: str, pad_to: int = 0, compile: bool = False,
@@ -300,8 +305,7 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         err = r.get("est_err_pct")
         seq = f"{r['seq']} (pad {r['pad_to']})" if r.get("pad_to", 0) > 1 else str(r["seq"])
         seq = f"{r['batch']} x {seq}" if r.get("batch", 1) > 1 else seq
-        setup = r["setup"] + ("+compile" if r.get("compile") else "") + (" mxfp4" if r.get("base") == "mxfp4" else "")
-        setup += " offload" if r.get("offload") else ""
+        setup = setup_label(r)
         cells = [setup, r["lora"], r.get("attention_impl") or r["attention"],
                  "on" if r["checkpointing"] else "off", seq, _fmt(r.get("trainable_params"), ","),
                  _fmt(r.get("peak_gib"), ".2f"), _fmt(r.get("est_peak_gib"), ".2f"),

@@ -58,9 +58,10 @@ if [ ! -s "$BUILD/deps.tar.xz" ]; then
 fi
 rm -rf "$WORK" && mkdir -p "$WORK/a" "$WORK/b"
 LIMIT=$((64 * 1024 * 1024))
+SPARE=400000  # bytes each call keeps free: files the tree gains between here and the call
 TREE=$(git ls-files -z | du --files0-from=- -cb | tail -1 | cut -f1)
 CARRY_BYTES=$(du -sb .gpu_carry 2>/dev/null | cut -f1) || { echo "run prepare_carry.sh first"; exit 1; }
-PART_A_BYTES=${PART_A_BYTES:-$((LIMIT - TREE - CARRY_BYTES - 400000))}
+PART_A_BYTES=${PART_A_BYTES:-$((LIMIT - TREE - CARRY_BYTES - SPARE))}
 # Part a travels with .gpu_carry (the first call also installs the training wheels), part b alone; with the tree
 # (about 1.3 MB) each call stays under the 64 MiB a call carries.
 head -c "$PART_A_BYTES" "$BUILD/vllm.tar.xz" > "$WORK/a/vllm.tar.xz.part00"
@@ -69,4 +70,4 @@ cp "$BUILD/deps.tar.xz" "$WORK/b/"
 (cd "$BUILD" && sha256sum vllm.tar.xz deps.tar.xz) > "$WORK/b/SHA256SUMS"
 du -sb "$WORK"/*
 b=$(du -sb "$WORK/b" | cut -f1)
-[ "$b" -lt $((LIMIT - TREE - 400000)) ] || { echo "part b is $b bytes: trim more"; exit 1; }
+[ "$b" -lt $((LIMIT - TREE - SPARE)) ] || { echo "part b is $b bytes: trim more"; exit 1; }

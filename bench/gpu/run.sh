@@ -91,7 +91,7 @@ PY
       # When the LoRA-enabled engine did not start at all, the rest of the call measures the base with LoRA off.
       python3 -c 'import json, sys; row = json.load(open(sys.argv[1]))["rows"][0]; sys.exit(row.get("start_s") is None)' \
         /tmp/serve/cold/bench_serve.json || serve_bench cold-plain --stages plain,vllm_bench ;;
-    serve-merged)  # after serve-cold (which measured the warm start): the merged model, HF generate, HF+peft
+    serve-merged)  # after serve-cold (which measured the warm start): the merged model, HF greedy, HF+peft
       serve_bench merged --stages merge,merged,hf --previous /tmp/serve/cold/bench_serve.json ;;
     serve-hf)  # HF greedy and HF+peft alone, against serve-merged's rows (when serve-merged ran out of time for it)
       serve_bench hf --stages hf --previous /tmp/serve/merged/bench_serve.json ;;
