@@ -36,10 +36,9 @@ tokens, stream_tok_s after the first. Then for each --streams count c: max(c, --
 prompt ids and O output tokens (ignore_eos), c at a time: out_tok_s[c], total_tok_s, p50 and max latency
 (throughput[c]); ratio_to_base[c]: over the base row (the warm one where this run has it) at the same c.
 
---engine-arg KEY=VALUE adds `--KEY VALUE` to vLLM's command line (e.g. moe-backend=marlin, to compare MoE LoRA
-kernels by measurement); --engine-env KEY=VALUE sets a variable for the engine. ServeConfig has no field for extra
-vLLM arguments, so the bench points sys.executable, for the call to Engine.start only, at a two-line wrapper that
-appends them, and checks in the engine log that vLLM took them (engine_args: key -> applied).
+--engine-arg KEY=VALUE adds `--KEY VALUE` to vLLM's command line through ServeConfig.extra_args (e.g.
+moe-backend=marlin, to compare MoE LoRA kernels by measurement), and the row says whether the engine log shows that
+vLLM took it (engine_args: key -> applied); --engine-env KEY=VALUE sets a variable for the engine.
 
 Smoke: vLLM's CPU build cannot run LoRA on gpt-oss (plan.lora_support), so base, hotload_*, warm, plain and hf serve
 demo:tiny-dense (its "experts" adapter is a stand-in: LoRA on attention + the MLP projections, since a dense model
@@ -92,7 +91,6 @@ RESERVE_S = 60.0  # after an engine is up: at least one row and the stop
 PLAIN_IDS = 199_998  # o200k ranks below the special tokens
 CHAT = [{"role": "user", "content": "Tell me a short story about a lighthouse keeper and a storm."}]
 GREEDY_PROMPTS, GREEDY_PROMPT_TOKENS, GREEDY_TOKENS = 5, 16, 32  # issue 12: 32 tokens of 5 prompts
-PYTHON = sys.executable  # the real interpreter, for our own child processes (see engine_flags)
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -306,7 +304,7 @@ def child(function: str, spec: dict, out: Path, name: str, timeout_s: float) -> 
         code = f"import sys; from bench.serve import {function}; {function}(sys.argv[1])"
         with open(out / f"{name}.log", "a", encoding="utf-8") as log:
             try:
-                rc = subprocess.run([PYTHON, "-c", code, str(spec_path)], cwd=ROOT, env=env, stdout=log,
+                rc = subprocess.run([sys.executable, "-c", code, str(spec_path)], cwd=ROOT, env=env, stdout=log,
                                     stderr=subprocess.STDOUT,
                                     timeout=None if math.isinf(timeout_s) else max(1.0, timeout_s)).returncode
             except subprocess.TimeoutExpired:
@@ -496,20 +494,19 @@ class Context:
         return None
 
 
+def engine_arg_flags(args: argparse.Namespace) -> list[str]:
+    """--engine-arg KEY=VALUE (or KEY alone) as vLLM command-line arguments, for ServeConfig.extra_args."""
+    flags: list[str] = []
+    for item in args.engine_arg:
+        key, sep, value = item.partition("=")
+        flags += [f"--{key}", value] if sep else [f"--{key}"]
+    return flags
+
+
 @contextlib.contextmanager
-def engine_flags(args: argparse.Namespace, work: Path) -> Iterator[None]:
-    """--engine-arg / --engine-env for one Engine.start: ServeConfig carries no extra vLLM arguments, and the engine
-    runs sys.executable, so for this call sys.executable is a wrapper that appends them."""
-    saved_exe, saved_env = sys.executable, {}
-    if args.engine_arg:
-        flags: list[str] = []
-        for item in args.engine_arg:
-            key, sep, value = item.partition("=")
-            flags += [f"--{key}", value] if sep else [f"--{key}"]
-        wrapper = work / "python-with-engine-args"
-        wrapper.write_text(f"#!/bin/sh\nexec {shlex.quote(saved_exe)} \"$@\" {shlex.join(flags)}\n")
-        wrapper.chmod(0o755)
-        sys.executable = str(wrapper)
+def engine_env(args: argparse.Namespace) -> Iterator[None]:
+    """--engine-env for one Engine.start: the engine inherits this process's environment."""
+    saved_env: dict[str, str | None] = {}
     for item in args.engine_env:
         key, _, value = item.partition("=")
         saved_env[key] = os.environ.get(key)
@@ -517,7 +514,6 @@ def engine_flags(args: argparse.Namespace, work: Path) -> Iterator[None]:
     try:
         yield
     finally:
-        sys.executable = saved_exe
         for key, value in saved_env.items():
             if value is None:
                 os.environ.pop(key, None)
@@ -539,8 +535,7 @@ def engine_backends(engine: Engine) -> list[str]:
 
 
 def engine_args_applied(engine: Engine, args: argparse.Namespace) -> dict[str, bool]:
-    """Whether vLLM's 'non-default args' line shows each --engine-arg with its value (ours come last on the command
-    line, so they win over the same flag set by the engine's own command)."""
+    """Whether vLLM's 'non-default args' line shows each --engine-arg with its value."""
     line = next((ln for ln in _engine_log(engine) if "non-default args:" in ln), "")
     applied = {}
     for item in args.engine_arg:
@@ -558,7 +553,7 @@ def serve_config(session: Session, args: argparse.Namespace, left_s: Callable[[]
     return ServeConfig(model=session.model, dtype=args.dtype, max_model_len=args.max_model_len,
                        gpu_memory_utilization=args.gpu_memory_utilization, enforce_eager=args.enforce_eager,
                        port=args.port, cpu_kv_cache_gib=1, max_lora_rank=plan.vllm_lora_rank(max(ranks or [8])),
-                       max_concurrency=max(*args.streams, WARMUP_REQUESTS),
+                       max_concurrency=max(*args.streams, WARMUP_REQUESTS), extra_args=engine_arg_flags(args),
                        start_timeout_s=min(600, left_s() - RESERVE_S))
 
 
@@ -595,7 +590,7 @@ def run_session(session: Session, args: argparse.Namespace, state_dir: Path, ctx
             if ctx.left_s() < RESERVE_S + start_estimate_s:
                 raise OutOfTime
             said: list[str] = []  # merged: "reused the merged model ..." shows it serves the merge timed above
-            with engine_flags(args, state_dir):
+            with engine_env(args):
                 if session.name == "merged":
                     info = engine.start(serve_config(session, args, ctx.left_s),
                                         adapters={ADAPTER: session.adapters["merged"]}, adapter_mode="merge",
@@ -641,8 +636,9 @@ def merge(session: Session, merged: Path, log: Path, timeout_s: float) -> dict:
                                  timeout_s=None if math.isinf(timeout_s) else max(1.0, timeout_s))
     return {"model": session.model, "merge_s": round(result.seconds, 1),
             "merge_wall_s": round(time.perf_counter() - t, 1), "merge_reused": result.reused,
-            "merge_ok": result.ok, "merge_max_abs_diff": result.max_abs_diff,
-            "adapter_effect": result.adapter_effect, "merge_dtype": result.dtype, "merge_experts": result.experts}
+            "merge_ok": result.ok, "merge_max_abs_diff": result.max_abs_diff, "merge_allowed": result.tolerance,
+            "merge_reload_diff": result.reload_diff, "adapter_effect": result.adapter_effect,
+            "merge_dtype": result.dtype, "merge_experts": result.experts}
 
 
 def add_ratios(row: dict, ctx: Context, args: argparse.Namespace) -> None:

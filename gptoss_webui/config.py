@@ -7,6 +7,7 @@ bf16, attention `auto`, LoRA on attention and expert parameters, gradient checkp
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 from typing import Any, Literal
 
@@ -150,6 +151,19 @@ class TrainConfig(_Strict):
         return v
 
 
+# The vLLM server flags that serve/launch.py sets, and what sets them: serve.extra_args may not repeat them (vLLM
+# would take the last one given, and the engine's state would no longer say what runs).
+VLLM_FLAGS_SET_HERE = {
+    "--model": "serve.model", "--served-model-name": "serve.model", "--host": "serve.host", "--port": "serve.port",
+    "--dtype": "serve.dtype", "--max-model-len": "serve.max_model_len",
+    "--tensor-parallel-size": "serve.tensor_parallel_size", "--max-num-seqs": "serve.max_concurrency",
+    "--gpu-memory-utilization": "serve.gpu_memory_utilization", "--block-size": "serve.block_size",
+    "--enforce-eager": "serve.enforce_eager", "--cudagraph-capture-sizes": "serve.max_concurrency",
+    "--reasoning-parser": "serve.model", "--enable-lora": "serve.adapters", "--max-loras": "serve.max_loras",
+    "--max-lora-rank": "serve.max_lora_rank",
+}
+
+
 class ServeConfig(_Strict):
     model: str = Field("demo:tiny-gpt-oss", json_schema_extra=READS_FILES,
                        description="Base or merged model folder to serve")
@@ -168,6 +182,8 @@ class ServeConfig(_Strict):
                                  "--max-num-seqs); CUDA graphs are captured for batch sizes up to it; where it is "
                                  "high, auto merges an adapter with expert LoRA (serve/policy.py)")
     enforce_eager: bool = Field(False, description="Skip graph capture: faster start, slower decode")
+    extra_args: list[str] = Field(default_factory=list, description="More vLLM server arguments, as on its command "
+                                  "line (e.g. --moe-backend marlin); not the flags the fields here set")
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
     api_key_env: str = Field("GPTOSS_API_KEY", description="Environment variable holding the API key "
@@ -177,6 +193,23 @@ class ServeConfig(_Strict):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     max_tokens: int = Field(512, ge=1)
     reasoning_effort: Literal["low", "medium", "high"] = "medium"
+
+    @field_validator("extra_args", mode="before")
+    @classmethod
+    def _split_args(cls, v: Any) -> Any:
+        """A string is split as a shell would (the Serve tab's box, `--set serve.extra_args='--x 1'`)."""
+        return shlex.split(v) if isinstance(v, str) else v
+
+    @field_validator("extra_args")
+    @classmethod
+    def _only_new_flags(cls, v: list[str]) -> list[str]:
+        if v and not v[0].startswith("--"):
+            raise ValueError(say("config.extra_args_flag", arg=v[0]))
+        for arg in v:
+            flag = arg.split("=", 1)[0].replace("_", "-")  # vLLM reads --max_num_seqs and --max-num-seqs alike
+            if flag in VLLM_FLAGS_SET_HERE:
+                raise ValueError(say("config.extra_args_set_here", flag=flag, field=VLLM_FLAGS_SET_HERE[flag]))
+        return v
 
 
 class Recipe(_Strict):

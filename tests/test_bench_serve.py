@@ -26,7 +26,7 @@ def test_smoke_measures_every_stage(tmp_path):
     out = tmp_path / "out"
     # A port of its own: an engine another checkout runs on the default port would answer our health checks.
     proc = subprocess.run([sys.executable, "-m", "bench.serve", "--smoke", "--out", str(out),
-                           "--port", str(free_port()), "--engine-arg", "max-num-seqs=16"],
+                           "--port", str(free_port()), "--engine-arg", "seed=7"],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     data = json.loads((out / "bench_serve.json").read_text())
@@ -36,7 +36,7 @@ def test_smoke_measures_every_stage(tmp_path):
     base, warm, merged, bench, hf = rows["base"], rows["warm"], rows["merged"], rows["vllm_bench"], rows["hf"]
     assert base["model"] == "tiny-dense" and base["lora_enabled"] and base["start_s"] > 0
     # the extra engine argument reached vLLM in every engine start
-    assert base["engine_args"] == warm["engine_args"] == merged["engine_args"] == {"max-num-seqs": True}
+    assert base["engine_args"] == warm["engine_args"] == merged["engine_args"] == {"seed": True}
     assert warm["start_warm_s"] > 0 and warm["start_s"] == base["start_s"]
 
     for stage in ("hotload_attn", "hotload_experts"):  # hot-load request -> first streamed token, 10 tries

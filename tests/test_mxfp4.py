@@ -215,6 +215,39 @@ def test_merge_writes_what_vllm_loads(tiny_gpt_oss_mxfp4, tmp_path, expert_layer
         assert merged[key].shape == (4, 64, 64) and f"{key}_blocks" not in merged
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_merge_check_refuses_a_merge_that_drops_the_expert_lora(tiny_gpt_oss_mxfp4, tmp_path, monkeypatch, dtype):
+    """The merge's check passes a bf16 merge, whose rounding moves the logits, and refuses the same merge with
+    peft's expert merge (ParamWrapper) turned into a no-op, in either dtype: the folder is not kept."""
+    from peft.tuners.lora.layer import ParamWrapper
+
+    from gptoss_webui.serve.merge import MergeError, merge_adapter
+
+    model, _, _ = _model(tiny_gpt_oss_mxfp4, "mxfp4", lora={"expert_layers": "all"})
+    model.save_pretrained(tmp_path / "adapter")
+    result = merge_adapter(str(tiny_gpt_oss_mxfp4), tmp_path / "adapter", tmp_path / "merged", dtype=dtype)
+    assert result.ok and result.reload_diff <= 1e-5 * max(1.0, result.max_abs_logit)
+    monkeypatch.setattr(ParamWrapper, "merge", lambda self, *args, **kwargs: None)
+    with pytest.raises(MergeError, match="does NOT reproduce"):
+        merge_adapter(str(tiny_gpt_oss_mxfp4), tmp_path / "adapter", tmp_path / "dropped", dtype=dtype)
+    assert not (tmp_path / "dropped").exists()
+
+
+def test_a_merge_cut_short_leaves_no_partial_copy(tiny_gpt_oss_mxfp4, tmp_path):
+    """A merge killed on the way (here: by its timeout) leaves no staging folder behind, nor one an earlier killed
+    merge left: on gpt-oss-20b that is up to 39 GiB of disk (16 GiB were found on the GPU host, 2026-12-01)."""
+    from gptoss_webui.serve.merge import MergeError, merge_in_subprocess, staging_dir
+
+    model, _, _ = _model(tiny_gpt_oss_mxfp4, "mxfp4", lora={"expert_layers": "all"})
+    model.save_pretrained(tmp_path / "adapter")
+    leftover = staging_dir(tmp_path / "merged")
+    leftover.mkdir()
+    (leftover / "model-00001-of-00002.safetensors").write_bytes(b"partial")
+    with pytest.raises(MergeError, match="merge did not finish"):
+        merge_in_subprocess(str(tiny_gpt_oss_mxfp4), tmp_path / "adapter", tmp_path / "merged", timeout_s=0.5)
+    assert not leftover.exists() and not (tmp_path / "merged").exists()
+
+
 def test_disk_check_counts_what_the_merge_will_write(tmp_path, monkeypatch):
     """gpt-oss-20b in MXFP4: an attention-only merge keeps the codes (the base's size on disk), an expert merge
     writes every weight in bf16 (38.96 GiB)."""

@@ -90,8 +90,8 @@ def test_auto_merges_expert_lora_on_a_gpu_from_the_measured_concurrency(tmp_path
 
     mode, why = choose("m", GPT_OSS, experts, "auto", many, cpu=False)
     assert mode == "merge"
-    assert why == ("merging: expert LoRA decoded at 0.47x the base hot-loaded at 64 concurrent requests (H100, "
-                   "vLLM 0.26), and serve.max_concurrency is 64 (merge from 16)")
+    assert why == ("merging: expert LoRA decoded at 0.75x the base hot-loaded at 64 concurrent requests (H200, "
+                   "the MXFP4 20b, vLLM 0.26), and serve.max_concurrency is 64 (merge from 16)")
     assert choose("m", GPT_OSS, experts, "auto", few, cpu=False) == (
         "hotload", "hot-loading: the adapter has expert LoRA, but serve.max_concurrency 8 is below 16, where "
         "merging was measured to pay")
@@ -218,6 +218,29 @@ def test_graph_sizes_follow_the_expected_concurrency(monkeypatch):
     assert "--max-num-seqs 24 " in gpu and "--cudagraph-capture-sizes 1 2 4 8 16 24" in gpu
     eager = " ".join(build_command(info, ServeConfig(model="m", max_concurrency=24, enforce_eager=True)))
     assert "--enforce-eager" in eager and "--cudagraph-capture-sizes" not in eager
+
+
+def test_extra_vllm_args_go_last_and_never_repeat_a_flag_set_here(monkeypatch):
+    """serve.extra_args (the Serve tab's box, a preset's list) ends the command line. Flags the app sets itself are
+    refused, naming the field that sets them; VLLM_FLAGS_SET_HERE lists every flag build_command writes."""
+    from gptoss_webui.config import VLLM_FLAGS_SET_HERE, ConfigError, Recipe
+
+    monkeypatch.setattr(launch.plan, "engine_is_cpu", lambda: False)
+    config = ServeConfig(model="m", block_size=16, extra_args="--moe-backend marlin --max-logprobs 'a b'")
+    assert config.extra_args == ["--moe-backend", "marlin", "--max-logprobs", "a b"]
+    info = EngineInfo(model="/m", served_name="m", port=9000, model_type="gpt_oss", lora_enabled=True)
+    cmd = build_command(info, config)
+    assert cmd[-4:] == config.extra_args
+    written = {arg for arg in cmd[3:-4] if arg.startswith("--")}
+    assert written <= set(VLLM_FLAGS_SET_HERE), written - set(VLLM_FLAGS_SET_HERE)
+    eager = build_command(info, config.model_copy(update={"enforce_eager": True}))
+    assert {arg for arg in eager if arg.startswith("--")} - {"--moe-backend", "--max-logprobs"} <= set(
+        VLLM_FLAGS_SET_HERE)
+    for bad, said in (("--max_num_seqs 8", "--max-num-seqs is set by serve.max_concurrency"),
+                      ("--port=9001", "--port is set by serve.port"),
+                      ("marlin", "must start with a vLLM flag")):
+        with pytest.raises(ConfigError, match=said):
+            Recipe.from_dict({"serve": {"extra_args": bad}})
 
 
 def test_an_adapter_of_another_base_is_refused(tmp_path):
@@ -403,3 +426,31 @@ def test_a_deleted_state_file_does_not_lose_a_live_engine(tmp_path):
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_an_engine_replaced_by_another_process_is_not_judged_by_the_old_one(tmp_path):
+    """The CLI's `serve` started an engine; the UI stopped it and started another on the same state file. The CLI's
+    Engine, whose own process has ended (exit code 0), takes the UI's record and leaves the new engine alone:
+    it once marked the new engine crashed ("the engine process ended (exit code 0)") and killed it."""
+    import subprocess
+    import sys
+
+    from gptoss_webui.processes import start_time_of
+    from gptoss_webui.serve.state import write_state
+
+    state = tmp_path / "engine.json"
+    first = subprocess.Popen([sys.executable, "-c", "pass"])
+    cli = Engine(state)
+    cli._proc = first  # as Engine.start leaves it
+    cli.info = EngineInfo(state="running", pid=first.pid, create_time=start_time_of(first.pid))
+    cli._save()
+    first.wait()
+    second = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        time.sleep(0.05)  # a later modification time than the first record's
+        write_state(state, EngineInfo(state="running", pid=second.pid, create_time=start_time_of(second.pid)))
+        assert cli.status().state == "running" and cli.info.pid == second.pid
+        assert second.poll() is None
+    finally:
+        second.kill()
+        second.wait()

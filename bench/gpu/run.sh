@@ -93,6 +93,9 @@ PY
         /tmp/serve/cold/bench_serve.json || serve_bench cold-plain --stages plain,vllm_bench ;;
     serve-merged)  # after serve-cold (which measured the warm start): the merged model, HF greedy, HF+peft
       serve_bench merged --stages merge,merged,hf --previous /tmp/serve/cold/bench_serve.json ;;
+    serve-all)  # one call after serve-prep: the merge (reused), the LoRA engine's base and experts rows, the merged
+      # model's engine, HF greedy and HF+peft's tokens; SERVE_STAGES overrides the stages
+      serve_bench all --stages "${SERVE_STAGES:-merge,base,hotload_experts,merged,hf}" ;;
     serve-hf)  # HF greedy and HF+peft alone, against serve-merged's rows (when serve-merged ran out of time for it)
       serve_bench hf --stages hf --previous /tmp/serve/merged/bench_serve.json ;;
     serve-plain)  # the base on an engine with LoRA off (what enabling LoRA costs the base), and vllm bench serve on it

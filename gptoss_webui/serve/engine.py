@@ -81,6 +81,10 @@ class Engine:
                     self._save()
                 else:  # another process (the CLI, the UI) changed it: take its word
                     self.info, self._stamp = read_state(self.state_path), now
+                    if self._proc is not None and self._proc.pid != self.info.pid:
+                        # The engine we started was replaced: how it ended says nothing about the new one, and a
+                        # verdict from it would mark the new engine crashed (and kill it).
+                        self._proc = None
             info = self.info
             if info.live and not self._running():
                 self._mark_crashed(self._exit_cause())

@@ -48,7 +48,7 @@ def build_command(info: EngineInfo, config: ServeConfig) -> list[str]:
                               f"{config.max_lora_rank}, adapters need {wanted})")
         cmd += ["--enable-lora", "--max-loras", str(max(config.max_loras, len(info.pending_adapters))),
                 "--max-lora-rank", str(rank)]
-    return cmd
+    return cmd + config.extra_args
 
 
 def graph_sizes(concurrency: int) -> list[int]:

@@ -28,10 +28,11 @@ if TYPE_CHECKING:
 AdapterMode = Literal["auto", "hotload", "merge"]
 Served = Literal["hotload", "merge"]
 
-# Measured on an H100 with vLLM 0.26 (bench/results/2026-11-28-h100-serve.json, bench/README.md): at 64
-# concurrent requests of 128+128 tokens, a hot-loaded adapter with expert LoRA decoded 728 output tokens/s
-# against the base's 1,564. From MERGE_FROM_CONCURRENCY expected requests on, `auto` merges such an adapter.
-EXPERT_LORA_SPEED = 0.47
+# Measured on an H200 with vLLM 0.26 serving the MXFP4 20b (bench/results/2026-12-01-h200-serve-all.json,
+# bench/README.md): at 64 concurrent requests of 128+128 tokens, a hot-loaded r=8 adapter on attention and the experts
+# of three layers decoded 2,333 output tokens/s against the base's 3,098 (the H100's bf16 20b: 0.47x). From
+# MERGE_FROM_CONCURRENCY expected requests on, `auto` merges such an adapter.
+EXPERT_LORA_SPEED = 0.75
 EXPERT_LORA_MEASURED_AT = 64
 MERGE_FROM_CONCURRENCY = 16
 

@@ -8,6 +8,7 @@ writes the widget values into it, applies the free-form `key=value` lines, and v
 
 from __future__ import annotations
 
+import shlex
 import typing
 from dataclasses import dataclass
 from typing import Any
@@ -16,7 +17,7 @@ from gptoss_webui.config import ConfigError, Recipe, ServeConfig, apply_override
 from gptoss_webui.messages import say
 from gptoss_webui.paths import workspace_dir
 
-Widget = str  # int, float, check, radio, dropdown, multi, layers, text, model, data
+Widget = str  # int, float, check, radio, dropdown, multi, layers, text, args, model, data
 
 ATTENTION_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj"]
 EXPERT_PARAMETERS = ["gate_up_proj", "down_proj"]
@@ -34,6 +35,8 @@ class FormField:
     def to_widget(self, value: Any) -> Any:
         if self.widget == "layers":
             return value if value == "all" else ", ".join(str(i) for i in value or [])
+        if self.widget == "args":  # a command line's arguments, quoted where needed
+            return shlex.join(value or [])
         if self.widget in ("text", "model", "data"):
             return "" if value is None else str(value)
         return value
@@ -47,6 +50,8 @@ class FormField:
             return int(value) if self.widget == "int" else float(value)
         if self.widget in ("text", "model", "data"):
             return (value or "").strip() or None
+        if self.widget == "args":
+            return (value or "").strip()  # ServeConfig splits it as a shell would
         if self.widget == "multi":
             return list(value or [])
         return value
@@ -124,6 +129,7 @@ SERVE_FIELDS: list[FormField] = [
     _F("serve.max_lora_rank", "serve.max_lora_rank", "int"),
     _F("serve.enforce_eager", "serve.eager", "check"),
     _F("serve.port", "serve.port", "int"),
+    _F("serve.extra_args", "serve.extra_args", "args"),
 ]
 CHAT_FIELDS: list[FormField] = [
     _F("serve.reasoning_effort", "chat.effort", "radio"),
