@@ -259,9 +259,10 @@ def serve_row(engine: Engine, row: dict, model: str, args: argparse.Namespace) -
         row["status"] = f"chat failed: {exc}"[:500]
     row["throughput"] = {}
     for streams in args.streams:
-        # One batch of this size first, not counted: vLLM's Triton kernels (fused MoE, LoRA) compile for each new
-        # batch size on first use, which cut the first rows of 2026-12-01 to half of `vllm bench serve`'s later.
-        throughput(engine, model, streams, streams, args.prompt_tokens, args.output_tokens,
+        # Two batches' worth at this concurrency first, not counted: vLLM's Triton kernels (fused MoE, LoRA) compile
+        # for each new batch shape on first use. One batch of c, all prefilled together, left the staggered
+        # prefill + decode mixes of the counted requests to compile during them (LoRA kernels, H200, 2026-12-01).
+        throughput(engine, model, streams, 2 * streams, args.prompt_tokens, args.output_tokens,
                    f"{model}/{row['stage']}/{streams}/warm-up")
         row["throughput"][str(streams)] = throughput(engine, model, streams, requests_for(streams, args),
                                                      args.prompt_tokens, args.output_tokens,
@@ -708,7 +709,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
     a = meta["args"]
     head = (f"{meta['device']}, {meta['vllm']}, {meta['date']}; at each stream count c, "
             f"max({a['waves']} c, {a['min_requests']}) completions of {a['prompt_tokens']} random prompt + "
-            f"{a['output_tokens']} output tokens (ignore_eos), c at a time, after one uncounted batch of c; "
+            f"{a['output_tokens']} output tokens (ignore_eos), c at a time, after 2 c uncounted; "
             f"one streamed greedy chat of up to {a['output_tokens']} tokens"
             + (f"; engine args {' '.join(a['engine_arg'])}" if a.get("engine_arg") else "") + "\n\n")
     cols = {"stage": "stage", "model": "model", "adapter": "adapter", "start_s": "start s",
