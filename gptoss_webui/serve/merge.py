@@ -190,8 +190,7 @@ def merge_adapter(base: str, adapter: str | Path, out_dir: str | Path,
         effect = float((_probe_logits(model, routing)[0] - expected).abs().max())
     adapted = model.peft_config["default"]
     touches_experts = bool(adapted.target_parameters)
-    targets = adapted.target_modules if isinstance(adapted.target_modules, str) else adapted.target_modules or []
-    if "router" in str([*(adapted.target_parameters or []), *targets]):
+    if "router" in f"{adapted.target_modules} {adapted.target_parameters}":  # names, a set, a list or a regex
         routing = None  # the adapter changes the routers themselves: their choices are part of what is checked
     merged = model.merge_and_unload()
     device = str(merged.device)
