@@ -20,6 +20,7 @@ make_scripted_gpt_oss): a random model never opens an analysis channel, so reaso
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -107,19 +108,6 @@ def wait_for(predicate, timeout: float, what: str) -> None:
     while not predicate():
         assert time.time() < deadline, f"timed out waiting for {what}"
         time.sleep(0.5)
-
-
-def requests_running(base_url: str) -> float:
-    """vLLM's own count of requests being decoded (its Prometheus /metrics); 0 when it does not answer."""
-    import urllib.request
-
-    try:
-        with urllib.request.urlopen(base_url.removesuffix("/v1") + "/metrics", timeout=2) as response:
-            text = response.read().decode()
-    except OSError:
-        return 0.0
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith("vllm:num_requests_running"))
 
 
 def read_until_error(stream) -> list[ChatError]:
@@ -338,15 +326,25 @@ def test_restarted_ui_reattaches(engine):
 def test_killed_engine_is_detected_and_restarts(cli, engine, oss_base, oss_adapter):
     info = engine.status()
     family = [p.pid for p in psutil.Process(info.pid).children(recursive=True)] + [info.pid]
-    # Killed mid-stream: the chat gets one clear line, not a transport traceback. The kill waits until vLLM counts
-    # the request as running: on 2 cores the first chunk can reach the client after the last token was sent.
+    # Killed mid-stream: the chat gets one clear line, not a transport traceback. The engine's workers are paused
+    # first, so the reply cannot finish before the kill: on 2 cores the first chunk could reach the client after the
+    # last token was sent, and the stream then ended cleanly. The API server still accepts the request and starts
+    # the streamed response (its access log line), then dies.
+    log = Path(info.log_path)
+    posts = log.read_text().count("POST /v1/chat/completions")
+    workers = psutil.Process(info.pid).children(recursive=True)
+    for worker in workers:
+        worker.send_signal(signal.SIGSTOP)
     stream = ChatClient.for_engine(engine).stream(QUESTION, info.served_name,
                                                   SamplingParams(temperature=0.0, max_tokens=400))
     failed: list[ChatError] = []
     reader = threading.Thread(target=lambda: failed.extend(read_until_error(stream)))
     reader.start()
-    wait_for(lambda: requests_running(info.base_url) > 0, 60, "vLLM to run the chat request")
+    wait_for(lambda: log.read_text().count("POST /v1/chat/completions") > posts, 60, "the chat request to start")
     os.kill(info.pid, signal.SIGKILL)
+    for worker in workers:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            worker.send_signal(signal.SIGCONT)
     reader.join(60)
     assert [str(e) for e in failed] == [f"{info.served_name}: {CUT_OFF}"]
     wait_for(lambda: engine.status().state == "crashed", 30, "the crash to be noticed")
