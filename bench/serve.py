@@ -574,7 +574,7 @@ def run_session(session: Session, args: argparse.Namespace, state_dir: Path, ctx
                 rows[0]["adapter"] = describe_adapter(session.adapters["merge"])
                 merged = plan.merged_dir_for(session.adapters["merge"])
                 spare = RESERVE_S + start_estimate_s if serving else 10
-                rows[0].update(merge(session, merged, args.out / "merge.log", ctx.left_s() - spare))
+                rows[0].update(merge(session, merged, args.out / "merge.log", ctx.left_s() - spare, args.dtype))
                 made_merge = None if rows[0]["merge_reused"] else merged
             except Exception as exc:
                 _failed(rows[0], exc, engine)
@@ -631,10 +631,13 @@ def run_session(session: Session, args: argparse.Namespace, state_dir: Path, ctx
             shutil.rmtree(made_merge, ignore_errors=True)  # a full copy of the weights (39 GiB for gpt-oss-20b)
 
 
-def merge(session: Session, merged: Path, log: Path, timeout_s: float) -> dict:
+def merge(session: Session, merged: Path, log: Path, timeout_s: float, dtype: str) -> dict:
     t = time.perf_counter()  # merge_in_subprocess refuses at once when the disk cannot hold the copy
+    # --dtype float32 merges in fp32 too: with random weights only fp32 throughout (merge, engine, HF+peft) keeps the
+    # near-tied greedy tokens comparable (in bf16 they parted at token 0-1 on the H200, 2026-12-01).
     result = merge_in_subprocess(session.model, session.adapters["merge"], merged, log_path=log,
-                                 timeout_s=None if math.isinf(timeout_s) else max(1.0, timeout_s))
+                                 timeout_s=None if math.isinf(timeout_s) else max(1.0, timeout_s),
+                                 dtype="float32" if dtype == "float32" else None)
     return {"model": session.model, "merge_s": round(result.seconds, 1),
             "merge_wall_s": round(time.perf_counter() - t, 1), "merge_reused": result.reused,
             "merge_ok": result.ok, "merge_max_abs_diff": result.max_abs_diff, "merge_allowed": result.tolerance,

@@ -33,6 +33,7 @@ from typing import Any
 import torch
 
 from bench.model import build_random_model, gpt_oss_20b_config
+from bench.step_profile import profile_step
 from gptoss_webui.architecture import BUILTIN_ARCHITECTURES, Architecture
 from gptoss_webui.config import TrainConfig
 from gptoss_webui.presets import load_recipe
@@ -229,23 +230,6 @@ def measure(case: Case, cfg: TrainConfig, config: Any, device: str, warmup: int,
     if profile:
         row["profile"] = profile_step(step, device)
     return row
-
-
-def profile_step(step, device: str, top: int = 12) -> dict[str, Any]:
-    """One more step under torch.profiler: where the step's time goes (kernel time by name, and how much of
-    the wall time no kernel ran, which is launch and host overhead)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
-    with profile(activities=activities) as prof:
-        wall, _ = step()
-    events = [e for e in prof.key_averages() if e.device_type.name == ("CUDA" if device == "cuda" else "CPU")]
-    attr = "self_device_time_total" if device == "cuda" else "self_cpu_time_total"
-    events.sort(key=lambda e: getattr(e, attr), reverse=True)
-    busy_ms = sum(getattr(e, attr) for e in events) / 1e3
-    print(prof.key_averages().table(sort_by=attr, row_limit=25), flush=True)
-    return {"wall_ms": round(wall * 1e3, 1), "kernel_ms": round(busy_ms, 1),
-            "top": [[e.key[:90], round(getattr(e, attr) / 1e3, 1), e.count] for e in events[:top]]}
 
 
 def run_case(case: Case, cfg: TrainConfig, config: Any, device: str, warmup: int, steps: int,

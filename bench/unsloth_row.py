@@ -137,7 +137,8 @@ def run_child(args: argparse.Namespace) -> int:
             row.update(note=f"no expert weights named layers.N.mlp.experts.{EXPERT_WEIGHTS} after the load: "
                             "attention-only LoRA")
         row.update(target_parameters=targets, trainable_params=trainable, stage="steps")
-        row.update(**measure(model, torch, args.seq, args.warmup, args.steps), status="ok", stage="done")
+        row.update(**measure(model, torch, args.seq, args.warmup, args.steps, args.profile), status="ok",
+                   stage="done")
     except BaseException as exc:  # noqa: BLE001  (a row must say what went wrong, whatever it was)
         first = (str(exc).strip().splitlines() or [""])[0][:300]
         oom = torch is not None and isinstance(exc, torch.OutOfMemoryError)
@@ -150,8 +151,9 @@ def run_child(args: argparse.Namespace) -> int:
     return 0 if row.data["status"] == "ok" else 1
 
 
-def measure(model: Any, torch: Any, seq: int, warmup: int, steps: int) -> dict[str, Any]:
-    """bench/train.py's `measure` loop: random ids, labels = ids, AdamW on the trainable parameters."""
+def measure(model: Any, torch: Any, seq: int, warmup: int, steps: int, profile: bool = False) -> dict[str, Any]:
+    """bench/train.py's `measure` loop: random ids, labels = ids, AdamW on the trainable parameters; profile: one
+    more step under torch.profiler, as bench/train.py --profile does."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     gen = torch.Generator(device=device).manual_seed(0)
@@ -173,8 +175,13 @@ def measure(model: Any, torch: Any, seq: int, warmup: int, steps: int) -> dict[s
 
     times, losses = zip(*(step() for _ in range(warmup + steps)), strict=True)
     step_s = statistics.median(times[warmup:])
-    return {"first_step_s": round(times[0], 3), "step_s": round(step_s, 4), "tokens_per_s": round(seq / step_s, 1),
-            "loss_first": round(losses[0], 4), "loss_last": round(losses[-1], 4), "steps_timed": steps}
+    row = {"first_step_s": round(times[0], 3), "step_s": round(step_s, 4), "tokens_per_s": round(seq / step_s, 1),
+           "loss_first": round(losses[0], 4), "loss_last": round(losses[-1], 4), "steps_timed": steps}
+    if profile:
+        from bench.step_profile import profile_step
+
+        row["profile"] = profile_step(step, device)
+    return row
 
 
 # ---------------------------------------------------------------- parent: one child per variant
@@ -190,7 +197,7 @@ def run_variant(args: argparse.Namespace, variant: str, lora: str, deadline: flo
     cmd = [sys.executable, "-m", "bench.unsloth_row", "--child", variant, "--lora", lora,
            "--model", str(args.model.resolve()), "--out", str(args.out.resolve()), "--seq", str(args.seq),
            "--warmup", str(args.warmup), "--steps", str(args.steps),
-           "--expert-layers", *map(str, args.expert_layers)]
+           "--expert-layers", *map(str, args.expert_layers)] + (["--profile"] if args.profile else [])
     print(f"--- unsloth {variant} {lora}: {' '.join(cmd)}", flush=True)
     t0 = time.perf_counter()
     with log_path.open("w") as log:
@@ -233,6 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seq", type=int, default=4096)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--profile", action="store_true", help="profile one more step (bench/step_profile.py)")
     parser.add_argument("--timeout-s", type=float, default=300, help="per child process")
     parser.add_argument("--budget-s", type=float, default=1e9, help="all children together; none starts with "
                         "under 60 s left")

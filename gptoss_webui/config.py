@@ -179,8 +179,8 @@ class ServeConfig(_Strict):
     max_lora_rank: int = Field(16, ge=1)
     tensor_parallel_size: int = Field(1, ge=1)
     max_concurrency: int = Field(64, ge=1, le=1024, description="Requests the engine decodes at once (vLLM's "
-                                 "--max-num-seqs); CUDA graphs are captured for batch sizes up to it; where it is "
-                                 "high, auto merges an adapter with expert LoRA (serve/policy.py)")
+                                 "--max-num-seqs); CUDA graphs are captured for batch sizes up to it; auto serves an "
+                                 "adapter with expert LoRA the way measured faster at it (serve/policy.py)")
     enforce_eager: bool = Field(False, description="Skip graph capture: faster start, slower decode")
     extra_args: list[str] = Field(default_factory=list, description="More vLLM server arguments, as on its command "
                                   "line (e.g. --moe-backend marlin); not the flags the fields here set")

@@ -76,7 +76,9 @@ def decode(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype, again
     import torch
 
     if blocks.is_cuda and (_gpu_kernels is not None or load_gpu_kernel()):
-        weights = _gpu_kernels[again](blocks, scales)
+        # Not _gpu_kernels[again]: torch 2.11's dynamo cannot index a tuple with a bool, and it then ran every
+        # compiled layer's experts eagerly (H200, 2026-12-01: 12,103 against 13,333 tokens/s; bench/README.md).
+        weights = (_gpu_kernels[1] if again else _gpu_kernels[0])(blocks, scales)
         return weights if dtype == torch.bfloat16 else weights.to(dtype)
     if blocks.dim() < 4 or torch.compiler.is_compiling():  # a compiled graph fuses the ops instead
         return _decode(blocks, scales, dtype)

@@ -47,3 +47,19 @@ def test_smoke_grid_runs_and_the_estimator_counts_what_peft_builds(tmp_path):
     assert table.count("\n| ours |") == 2 and "| ours mxfp4 |" in table and "| hf |" in table
     assert "| ours offload |" in table
     assert markdown(rows, json.loads((tmp_path / "bench_train.json").read_text())["meta"]) == table
+
+
+def test_profile_step_reports_the_step_and_its_top_ops_on_the_cpu():
+    import torch
+
+    from bench.step_profile import profile_step
+
+    w = torch.randn(256, 256, requires_grad=True)
+
+    def step():
+        (torch.randn(64, 256) @ w).square().sum().backward()
+
+    got = profile_step(step, "cpu", top=5)
+    names = [name for name, _, _ in got["top"]]
+    assert got["wall_ms"] > 0 and got["kernel_ms"] > 0 and len(names) == 5
+    assert any("mm" in name for name in names), names

@@ -233,6 +233,21 @@ def test_merge_check_refuses_a_merge_that_drops_the_expert_lora(tiny_gpt_oss_mxf
     assert not (tmp_path / "dropped").exists()
 
 
+def test_a_merge_is_reused_only_in_the_dtype_asked_for(tiny_gpt_oss_mxfp4, tmp_path):
+    """bench/serve.py --dtype float32 needs the merge in fp32 (random weights' greedy tokens part at once in bf16): a
+    bf16 merge in the folder is made again in fp32, not reused; asked for again in bf16 after that, the same."""
+    from gptoss_webui.serve.merge import merge_in_subprocess
+
+    model, _, _ = _model(tiny_gpt_oss_mxfp4, "mxfp4", lora={"expert_layers": "all"})
+    model.save_pretrained(tmp_path / "adapter")
+    base, adapter, merged = str(tiny_gpt_oss_mxfp4), tmp_path / "adapter", tmp_path / "merged"
+    first = merge_in_subprocess(base, adapter, merged, dtype="bfloat16")
+    assert (first.ok, first.dtype, first.reused) == (True, "bfloat16", False)
+    assert merge_in_subprocess(base, adapter, merged, dtype="bfloat16").reused
+    fp32 = merge_in_subprocess(base, adapter, merged)  # the base's own dtype: the tiny model is fp32
+    assert (fp32.ok, fp32.dtype, fp32.reused) == (True, "float32", False)
+
+
 def test_a_merge_cut_short_leaves_no_partial_copy(tiny_gpt_oss_mxfp4, tmp_path):
     """A merge killed on the way (here: by its timeout) leaves no staging folder behind, nor one an earlier killed
     merge left: on gpt-oss-20b that is up to 39 GiB of disk (16 GiB were found on the GPU host, 2026-12-01)."""
@@ -324,3 +339,34 @@ def test_the_estimate_keeps_the_decoded_experts_where_they_fit():
     assert "decoded again in the backward (keeping them would need 0.49 GiB more)" in " ".join(map(str, tight.notes))
     eager = load_preset("gpt-oss-20b-1x24gb", ["train.gradient_checkpointing=false"]).train
     assert not estimate_for_recipe(eager, search_fix=False).keep_decoded  # every layer's would be kept
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the GPU decode (a Triton custom op), torch's grouped GEMM")
+@pytest.mark.parametrize("keep", [True, False])
+def test_gpu_mxfp4_experts_compile_as_one_graph(keep):
+    """A compiled layer traces its MXFP4 experts whole, forward and backward, both ways of holding the decoded weight.
+    torch 2.11 could not trace `_gpu_kernels[again]` (a tuple indexed by a bool) and ran every layer's experts eagerly:
+    12,103 against 13,333 tokens/s on the H200 (bench/README.md, 2026-12-01). fullgraph=True turns such a fallback
+    into an error."""
+    from transformers import GptOssConfig
+    from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts
+
+    from gptoss_webui.train.experts import GroupedExperts
+
+    torch._dynamo.reset()
+    config = GptOssConfig(num_local_experts=4, hidden_size=64, intermediate_size=64, num_experts_per_tok=2)
+    tensors = {}
+    for name, rows in (("gate_up_proj", 128), ("down_proj", 64)):  # [out, in] as the checkpoint stores them
+        blocks, scales = random_experts(4, rows, 64, device="cuda")
+        tensors |= {f"{name}_blocks": blocks, f"{name}_scales": scales,
+                    f"{name}_bias": torch.zeros(4, rows, device="cuda")}
+    experts = GroupedExperts.from_mxfp4(GptOssExperts(config), tensors)
+    experts.keep_decoded = keep
+    x = torch.randn(32, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    indices, weights = torch.randint(0, 4, (32, 2), device="cuda"), torch.rand(32, 2, device="cuda")
+    grads = []
+    for run in (torch.compile(experts, fullgraph=True), experts):
+        run(x, indices, weights).float().square().sum().backward()
+        grads.append(x.grad)
+        x.grad = None
+    assert torch.allclose(grads[0], grads[1], rtol=1e-2, atol=1e-2)

@@ -8,7 +8,8 @@
 #                                                      # at 4096, then our two rows at 4096 (bf16, MXFP4 experts)
 #   bash bench/gpu/throughput.sh unsloth_bnb           # the same: Unsloth's bitsandbytes 4-bit on a bf16 checkpoint
 # A call made within 30 s of the last finds that host's /tmp (checkpoints, compile caches) as it was left.
-# Everything lands in $OUT/results.tgz; the reply's tail shows the summaries. BUDGET_S: seconds every part plans against.
+# UNSLOTH_ARGS, BENCH_ARGS: more flags for bench.unsloth_row and bench.train (e.g. --profile, in both: where a step's
+# time goes). Everything lands in $OUT/results.tgz; the reply's tail shows the summaries. BUDGET_S: seconds every part plans against.
 # shellcheck source=bench/gpu/call.sh
 source bench/gpu/call.sh
 CKPT_BF16=/tmp/gpt-oss-20b-unquantized  # unsloth_bnb: the 20b in bf16, no quantization_config (make_models 20b-bf16)
@@ -29,7 +30,7 @@ unsloth_rows() {  # OUT MODEL VARIANT...: bench/unsloth_row.py, a process per va
     --target /tmp/site-unsloth .unsloth_carry/*.whl > "$R/unsloth_install.log" 2>&1 || tail -n 5 "$R/unsloth_install.log"
   CUDA_VISIBLE_DEVICES=0 PYTHONPATH="$PYTHONPATH:/tmp/site-unsloth" timeout "$(left 5)" python3 -m bench.unsloth_row \
     --model "$model" --out "$out" --fallback --variant "$@" --timeout-s "${UNSLOTH_ROW_S:-300}" \
-    --budget-s "$(left 15)" > "$out/unsloth.log" 2>&1
+    --budget-s "$(left 15)" ${UNSLOTH_ARGS:-} > "$out/unsloth.log" 2>&1
   echo "== unsloth ($model) exit $?"; tail -n 4 "$out/unsloth.log"
 }
 
@@ -73,7 +74,7 @@ for part in "$@"; do
       unsloth_rows "$R/bnb" "$CKPT_BF16" 4bit ;;
     ours4096)  # our rows Unsloth's are compared with: seq 4096, preset LoRA, compiled; bf16 experts, then MXFP4
       CUDA_VISIBLE_DEVICES=0 timeout "$(left 5)" python3 -m bench.train --grid mxfp4 --only 1 2 --tag ours4096 \
-        --out "$R" --budget-s "$(left 100)" > "$R/bench_ours4096.log" 2>&1
+        --out "$R" --budget-s "$(left 100)" ${BENCH_ARGS:-} > "$R/bench_ours4096.log" 2>&1
       echo "== bench ours4096 exit $?"; cat "$R/bench_ours4096.md" ;;
   esac
 done

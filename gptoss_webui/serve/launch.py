@@ -65,6 +65,11 @@ def build_env(info: EngineInfo, config: ServeConfig) -> dict[str, str]:
     # torch.compile artefacts and the start-up plan persist in the workspace (the /data volume in Docker),
     # so the next start of the same engine skips them.
     env.setdefault("VLLM_CACHE_ROOT", str(cache_dir() / "vllm"))
+    # The API server forks its EngineCore (vLLM's library default) instead of spawning it (what `vllm serve` picks when
+    # this is unset): a spawned EngineCore imports vLLM again, 16 s of a warm start's 82 s on an H200 (2026-12-01,
+    # bench/README.md). vLLM switches to spawn itself where fork is unsafe (CUDA initialized in the server) and on
+    # its CPU platform.
+    env.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "fork")
     if info.lora_enabled:
         env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
     if plan.engine_is_cpu():

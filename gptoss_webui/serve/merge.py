@@ -35,6 +35,7 @@ PROBE_IDS = [13225, 2375, 11, 495, 382, 261, 1746, 328, 290, 3490, 13, 2632]
 # bf16 logits by 12 % of a random r=8 adapter's own effect (CPU, 2026-12-01), so the merged model must carry at
 # least half of the adapter's effect: a merge that dropped it would be as far away as the base.
 TOLERANCE = {"float32": 1e-4}
+DTYPES = ("float32", "bfloat16", "float16")  # what a merge computes and stores in
 HALF_PRECISION_SHARE = 0.5
 # The folder reloaded against the model it was saved from, same device and dtype: the same numbers.
 RELOAD_TOLERANCE = 1e-5
@@ -169,7 +170,7 @@ def _pick_dtype(base: str) -> str:
     except (OSError, json.JSONDecodeError):
         return "bfloat16"
     name = str(cfg.get("dtype") or cfg.get("torch_dtype") or "bfloat16")
-    return name if name in ("float32", "bfloat16", "float16") else "bfloat16"
+    return name if name in DTYPES else "bfloat16"
 
 
 def merge_adapter(base: str, adapter: str | Path, out_dir: str | Path,
@@ -249,14 +250,14 @@ def adapter_digest(adapter: Path) -> str:
 
 # --- from the UI / CLI process --------------------------------------------------------------------
 
-def previous_merge(base: str, adapter: Path, out_dir: Path) -> MergeResult | None:
-    """The recorded merge in out_dir when it was made from this base and this exact adapter."""
+def previous_merge(base: str, adapter: Path, out_dir: Path, dtype: str | None = None) -> MergeResult | None:
+    """The recorded merge in out_dir when it was made from this base and this exact adapter (in `dtype`, if given)."""
     try:
         info = json.loads((out_dir / PROVENANCE_FILE).read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError):
         return None
     if (info.get("base") != base or info.get("adapter_digest") != adapter_digest(adapter)
-            or not (out_dir / "config.json").is_file()):
+            or (dtype is not None and info.get("dtype") != dtype) or not (out_dir / "config.json").is_file()):
         return None
     info.pop("adapter_digest", None)
     info.pop("reused", None)
@@ -267,30 +268,32 @@ def previous_merge(base: str, adapter: Path, out_dir: Path) -> MergeResult | Non
 
 
 def merge_in_subprocess(base: str, adapter: str | Path, out_dir: str | Path, *, log_path: Path | None = None,
-                        force: bool = False, timeout_s: float | None = None) -> MergeResult:
-    """Run the merge in a child process (log to a file) and return its verified result.
+                        force: bool = False, timeout_s: float | None = None, dtype: str | None = None) -> MergeResult:
+    """Run the merge in a child process (log to a file) and return its verified result. dtype: what the merged
+    weights are computed and stored in (default: the base's own, _pick_dtype).
 
-    Reuses out_dir when it already holds a verified merge of the same base and adapter (unless force).
+    Reuses out_dir when it already holds a verified merge of the same base and adapter in that dtype (unless force).
     """
     from gptoss_webui.sources import resolve_model
 
     adapter, out_dir = Path(adapter).resolve(), Path(out_dir).resolve()
     base = resolve_model(base)
+    dtype = dtype or _pick_dtype(base)
     if not (adapter / "adapter_config.json").is_file():
         raise MergeError(say("serving.plan.not_adapter", adapter=adapter))
-    if not force and (done := previous_merge(base, adapter, out_dir)):
+    if not force and (done := previous_merge(base, adapter, out_dir, dtype)):
         return done
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     # A merge killed on the way (timeout, a crashed app) leaves a partial copy of the weights, up to 39 GiB.
     shutil.rmtree(staging_dir(out_dir), ignore_errors=True)
-    check_disk_space(base, adapter, out_dir.parent)
+    check_disk_space(base, adapter, out_dir.parent, dtype)
     if log_path is None:  # a run's merge logs into the run folder, like its training
         in_run = out_dir.name == "merged" and (out_dir.parent / "config.yaml").is_file()
         log_path = out_dir.parent / "merge.log" if in_run else out_dir.with_name(f"{out_dir.name}.merge.log")
     report = out_dir.with_name(f".{out_dir.name}.report.json")
     report.unlink(missing_ok=True)
     cmd = [sys.executable, "-m", "gptoss_webui.serve.merge", "--base", base, "--adapter", str(adapter),
-           "--out", str(out_dir), "--report", str(report)]
+           "--out", str(out_dir), "--report", str(report), "--dtype", dtype]
     with open(log_path, "w", encoding="utf-8") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                                 env=_merge_env())
@@ -315,7 +318,7 @@ def merge_in_subprocess(base: str, adapter: str | Path, out_dir: str | Path, *, 
     return MergeResult(**data)
 
 
-def check_disk_space(base: str, adapter: Path, folder: Path) -> None:
+def check_disk_space(base: str, adapter: Path, folder: Path, dtype: str | None = None) -> None:
     """Refuse before minutes of merging: the merged copy holds every weight in the merge dtype (an MXFP4
     gpt-oss base grows about 3x: 38.96 GiB in bf16 for gpt-oss-20b), except where the adapter leaves the experts
     untouched: that copy keeps the base's MXFP4 codes and is about the base's size."""
@@ -334,7 +337,7 @@ def check_disk_space(base: str, adapter: Path, folder: Path) -> None:
             params = resolve_architecture(base).total_params
         except ArchitectureError:
             return  # an architecture the estimator does not know: let the merge try
-        need = params * {"float32": 4}.get(_pick_dtype(base), 2) / 2**30
+        need = params * {"float32": 4}.get(dtype or _pick_dtype(base), 2) / 2**30
     free = shutil.disk_usage(folder).free / 2**30
     if free < need:
         raise MergeError(say("serving.merge.disk", need=need, folder=folder, free=free, short=need - free))
@@ -378,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--base", required=True)
     p.add_argument("--adapter", required=True)
     p.add_argument("--out", required=True)
-    p.add_argument("--dtype", choices=sorted(TOLERANCE))
+    p.add_argument("--dtype", choices=DTYPES)
     p.add_argument("--report", help="write the result (or the error) as JSON here")
     args = p.parse_args(argv)
     try:

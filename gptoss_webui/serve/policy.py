@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Literal
 from gptoss_webui.config import ServeConfig
 from gptoss_webui.hardware import Gpu, gpus
 from gptoss_webui.messages import Message, say
+from gptoss_webui.mxfp4 import is_mxfp4_config
 from gptoss_webui.serve.plan import (
     PlanError,
     adapter_rank,
@@ -28,13 +29,22 @@ if TYPE_CHECKING:
 AdapterMode = Literal["auto", "hotload", "merge"]
 Served = Literal["hotload", "merge"]
 
-# Measured on an H200 with vLLM 0.26 serving the MXFP4 20b (bench/results/2026-12-01-h200-serve-all.json,
-# bench/README.md): at 64 concurrent requests of 128+128 tokens, a hot-loaded r=8 adapter on attention and the experts
-# of three layers decoded 2,333 output tokens/s against the base's 3,098 (the H100's bf16 20b: 0.47x). From
-# MERGE_FROM_CONCURRENCY expected requests on, `auto` merges such an adapter.
-EXPERT_LORA_SPEED = 0.75
-EXPERT_LORA_MEASURED_AT = 64
-MERGE_FROM_CONCURRENCY = 16
+# Output tokens/s on one H200, vLLM 0.26, the random-weight MXFP4 20b, requests of 128 + 128 tokens, an r=8 adapter
+# on attention and the experts of layers 7/15/23 (bench/README.md, 2026-12-01, fifth session):
+#   concurrent requests        1      16      32      64
+#   hot-loaded               213   1,315   3,307   4,860
+#   merged (bf16 experts)    296   1,516   2,633   4,206
+# Merged, an MXFP4 model's experts are stored in bf16 (vLLM 0.26 quantizes every MoE layer of the model alike, so the
+# layers the adapter leaves alone cannot stay MXFP4) and run vLLM's unquantized MoE kernels: faster than hot-loaded
+# LoRA at few requests, slower from 32 on.
+MXFP4_HOTLOAD_FROM = 32
+MXFP4_MERGED_AT_1 = round(296 / 213, 2)  # the merged model over hot-loaded LoRA, 1 request
+MXFP4_MERGED_AT_64 = round(4206 / 4860, 2)  # the same at 64
+# A bf16 base: hot-loaded expert LoRA decoded 728 output tokens/s against the base's 1,564 at 64 requests (H100, the
+# bf16 20b, vLLM 0.26, 2026-11-28), and a merged model is the base's architecture in the base's dtype, so `auto`
+# merges from BF16_MERGE_FROM expected requests on.
+BF16_EXPERT_LORA_SPEED = 0.47
+BF16_MERGE_FROM = 16
 
 
 @dataclass(frozen=True)
@@ -57,9 +67,9 @@ class Action:
 def choose_mode(model: str, model_cfg: dict, adapter_dir: str | Path, requested: AdapterMode,
                 config: ServeConfig, cpu: bool) -> tuple[Served, Message]:
     """How one adapter is served, and why in one line. Explicit modes are kept (hot-load refused where the
-    engine cannot run LoRA for the architecture); auto merges where it cannot, and on a GPU merges expert
-    LoRA when the expected concurrency is where hot-loaded expert LoRA was measured slow, if the merged
-    model fits."""
+    engine cannot run LoRA for the architecture); auto merges where it cannot, and on a GPU chooses for expert LoRA
+    what was measured faster at the expected concurrency (the constants above), merging only if the merged model
+    fits."""
     experts = bool(read_adapter_config(adapter_dir).get("target_parameters"))  # also: is it an adapter at all
     can_lora, why = lora_support(model_cfg, cpu)
     if requested == "hotload":
@@ -73,13 +83,21 @@ def choose_mode(model: str, model_cfg: dict, adapter_dir: str | Path, requested:
     if cpu or not experts:
         return "hotload", why
     concurrency = config.max_concurrency
-    if concurrency < MERGE_FROM_CONCURRENCY:
+    if is_mxfp4_config(model_cfg):
+        if concurrency >= MXFP4_HOTLOAD_FROM:
+            return "hotload", say("serving.policy.mxfp4_hotload", ratio=MXFP4_MERGED_AT_64, concurrency=concurrency,
+                                  hotload_from=MXFP4_HOTLOAD_FROM)
+        pays = say("serving.policy.mxfp4_merge_pays", ratio=MXFP4_MERGED_AT_1, concurrency=concurrency,
+                   hotload_from=MXFP4_HOTLOAD_FROM)
+    elif concurrency < BF16_MERGE_FROM:
         return "hotload", say("serving.policy.hotload_low_concurrency", concurrency=concurrency,
-                              merge_from=MERGE_FROM_CONCURRENCY)
-    slow = say("serving.policy.slow", speed=EXPERT_LORA_SPEED, at=EXPERT_LORA_MEASURED_AT)
+                              merge_from=BF16_MERGE_FROM)
+    else:
+        pays = say("serving.policy.bf16_merge_pays", speed=BF16_EXPERT_LORA_SPEED, concurrency=concurrency,
+                   merge_from=BF16_MERGE_FROM)
     if too_large := merge_too_large(model, config, gpus()):
-        return "hotload", say("serving.policy.hotload_although", slow=slow, too_large=too_large)
-    return "merge", say("serving.policy.merging", slow=slow, concurrency=concurrency, merge_from=MERGE_FROM_CONCURRENCY)
+        return "hotload", say("serving.policy.hotload_although", pays=pays, too_large=too_large)
+    return "merge", say("serving.policy.merging", pays=pays)
 
 
 def merge_too_large(model: str, config: ServeConfig, found: list[Gpu]) -> Message | str:

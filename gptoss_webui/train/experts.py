@@ -3,7 +3,8 @@
 `GroupedExperts` replaces transformers' GptOssExperts in every layer. Tokens are sorted by expert and each
 projection is one grouped matmul (torch's grouped GEMM on a GPU). The frozen weight is either a bf16 tensor or
 the checkpoint's MXFP4 blocks and scales, decoded just in time: in the forward pass and in the recomputation under
-gradient checkpointing, and kept for the layer's backward or decoded again there (`_FrozenGroupedMatmul`).
+gradient checkpointing, and kept for the layer's backward (`_FrozenGroupedMatmul`) or decoded again there
+(`_DecodeAgainGroupedMatmul`).
 gpt-oss-20b holds at most one layer's experts in bf16 (1.5 GiB, or 0.99 GiB decoding again) instead of 39 GiB.
 
 Expert LoRA computes y = x W + s (x A) B per expert, never W + s B A: no expert-sized copies, no expert-sized
@@ -39,35 +40,52 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Te
     return torch.cat([x[a:b] @ w[g] for g, (a, b) in enumerate(bounds)])
 
 
-def _frozen_weight(weight: torch.Tensor, scales: torch.Tensor | None, dtype: torch.dtype,
-                   again: bool = False) -> torch.Tensor:
+def _frozen_weight(weight: torch.Tensor, scales: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
     """[G, out, in]: decoded from MXFP4 codes (scales given), else a view of the bf16 [G, in, out] weight."""
-    return decode(weight, scales, dtype, again) if scales is not None else weight.transpose(1, 2)
+    return decode(weight, scales, dtype) if scales is not None else weight.transpose(1, 2)
 
 
+# Two autograd Functions, one per way of holding the weight for the backward, each with tensor arguments only: what
+# torch.compile traces most simply (a compiled layer that cannot trace one runs its experts eagerly).
 class _FrozenGroupedMatmul(torch.autograd.Function):
-    """x @ W per group for a frozen W that is MXFP4 (decoded on use) or bf16.
-
-    keep_decoded: the forward's decoded weight is saved for the backward. Under gradient checkpointing the first
-    forward's saved tensors are dropped, so only the recomputed layer's two decoded weights live until its
-    backward (1.5 GiB for gpt-oss-20b): two decodes a step. Otherwise only the codes are saved and the backward
-    decodes again (a third decode a step), with one decoded weight alive at a time: for cards without the room.
-    The estimator decides (memory.estimate's keep_decoded)."""
+    """x @ W per group for a frozen W: bf16, or MXFP4 decoded in the forward and the decoded weight kept for the
+    backward. Under gradient checkpointing the first forward's saved tensors are dropped, so only the recomputed
+    layer's two decoded weights live until its backward (1.5 GiB for gpt-oss-20b): two decodes a step."""
 
     @staticmethod
-    def forward(ctx, x, offs, weight, scales, keep_decoded):
+    def forward(ctx, x, offs, weight, scales):
         w = _frozen_weight(weight, scales, x.dtype)
-        ctx.kept = keep_decoded and scales is not None
-        ctx.save_for_backward(offs, w, None) if ctx.kept else ctx.save_for_backward(offs, weight, scales)
+        # Both saved [G, in, out]. bf16: the parameter itself, not a view of it, which ZeRO-3 gathers again for the
+        # backward (a view would hold on to the gathered storage).
+        ctx.save_for_backward(offs, weight if scales is None else w.transpose(1, 2))
         return grouped_mm(x, w.transpose(1, 2), offs)
 
     @staticmethod
     def backward(ctx, grad_y):
         if not ctx.needs_input_grad[0]:
-            return None, None, None, None, None
-        offs, weight, scales = ctx.saved_tensors
-        w = weight if ctx.kept else _frozen_weight(weight, scales, grad_y.dtype, again=True).to(grad_y.dtype)
-        return grouped_mm(grad_y.contiguous(), w, offs), None, None, None, None
+            return None, None, None, None
+        offs, saved = ctx.saved_tensors
+        return grouped_mm(grad_y.contiguous(), saved.transpose(1, 2).to(grad_y.dtype), offs), None, None, None
+
+
+class _DecodeAgainGroupedMatmul(torch.autograd.Function):
+    """x @ W per group for a frozen MXFP4 W that only the codes are saved of: the backward decodes it again (a third
+    decode a step), under another op name that a compiled layer does not merge with the forward's (mxfp4.decode), so
+    one decoded weight is alive at a time: for cards without room for two. The estimator decides which Function
+    (memory.estimate's keep_decoded)."""
+
+    @staticmethod
+    def forward(ctx, x, offs, blocks, scales):
+        ctx.save_for_backward(offs, blocks, scales)
+        return grouped_mm(x, decode(blocks, scales, x.dtype).transpose(1, 2), offs)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None
+        offs, blocks, scales = ctx.saved_tensors
+        w = decode(blocks, scales, grad_y.dtype, again=True)
+        return grouped_mm(grad_y.contiguous(), w, offs), None, None, None
 
 
 class GroupedExperts(nn.Module):
@@ -85,7 +103,7 @@ class GroupedExperts(nn.Module):
         self.intermediate_size = experts.intermediate_size
         self.alpha, self.limit = experts.alpha, experts.limit  # clamped SwiGLU
         self.mxfp4 = False
-        self.keep_decoded = True  # see _FrozenGroupedMatmul; the worker sets what the estimate says
+        self.keep_decoded = True  # MXFP4: _FrozenGroupedMatmul, else _DecodeAgainGroupedMatmul; the worker sets it
 
     @classmethod
     def from_transformers(cls, experts: nn.Module) -> GroupedExperts:
@@ -131,7 +149,8 @@ class GroupedExperts(nn.Module):
             weight, scales = getattr(self, f"{name}_blocks"), getattr(self, f"{name}_scales")
         else:
             weight, scales = getattr(self, name), None
-        y = _FrozenGroupedMatmul.apply(x, offs, weight, scales, self.keep_decoded)
+        matmul = _DecodeAgainGroupedMatmul if scales is not None and not self.keep_decoded else _FrozenGroupedMatmul
+        y = matmul.apply(x, offs, weight, scales)
         if name in lora:
             y = y + lora[name].delta(x, expert_of)
         return y + getattr(self, f"{name}_bias")[expert_of].to(y.dtype)
