@@ -633,11 +633,11 @@ def run_session(session: Session, args: argparse.Namespace, state_dir: Path, ctx
 
 def merge(session: Session, merged: Path, log: Path, timeout_s: float, dtype: str) -> dict:
     t = time.perf_counter()  # merge_in_subprocess refuses at once when the disk cannot hold the copy
-    # --dtype float32 merges in fp32 too: with random weights only fp32 throughout (merge, engine, HF+peft) keeps the
-    # near-tied greedy tokens comparable (in bf16 they parted at token 0-1 on the H200, 2026-12-01).
+    # The merge in the dtype the engine serves (auto: the base's own). With random weights only fp32 throughout
+    # (merge, engine, HF+peft) keeps near-tied greedy tokens comparable (bf16 parted at token 0-1, H200, 2026-12-01).
     result = merge_in_subprocess(session.model, session.adapters["merge"], merged, log_path=log,
                                  timeout_s=None if math.isinf(timeout_s) else max(1.0, timeout_s),
-                                 dtype="float32" if dtype == "float32" else None)
+                                 dtype=None if dtype == "auto" else dtype)
     return {"model": session.model, "merge_s": round(result.seconds, 1),
             "merge_wall_s": round(time.perf_counter() - t, 1), "merge_reused": result.reused,
             "merge_ok": result.ok, "merge_max_abs_diff": result.max_abs_diff, "merge_allowed": result.tolerance,

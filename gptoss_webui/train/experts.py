@@ -45,8 +45,8 @@ def _frozen_weight(weight: torch.Tensor, scales: torch.Tensor | None, dtype: tor
     return decode(weight, scales, dtype) if scales is not None else weight.transpose(1, 2)
 
 
-# Two autograd Functions, one per way of holding the weight for the backward, each with tensor arguments only: what
-# torch.compile traces most simply (a compiled layer that cannot trace one runs its experts eagerly).
+# Two autograd Functions, one per way of holding the weight for the backward, chosen in _project: no Python flag goes
+# into the traced code (a compiled layer that cannot trace it runs its experts eagerly).
 class _FrozenGroupedMatmul(torch.autograd.Function):
     """x @ W per group for a frozen W: bf16, or MXFP4 decoded in the forward and the decoded weight kept for the
     backward. Under gradient checkpointing the first forward's saved tensors are dropped, so only the recomputed
