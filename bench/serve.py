@@ -11,7 +11,8 @@ a row that fails records its error and the run goes on:
   attention + the experts of layers 7/15/23 (the cookbook's; make_adapter builds both from the model's config, or
   --adapter gives the second). adapter_to_first_token_s: `tries` times, from load_adapter(check=False) to the first
   streamed chunk carrying a token of a chat to the adapter, then unload; its p50 (issue 12: < 1 s). Then
-  load_adapter(check=True): adapter_changed says whether its greedy probe differs from the base's.
+  load_adapter(check=True): adapter_changed says whether its greedy probe differs from the base's. hotload_experts
+  also takes the greedy probes (see merged).
 - vllm_bench: vLLM's own `vllm bench serve` (vllm.benchmarks.serve.main, which the CLI calls, in a process of its
   own) against the same engine: random prompts of the same lengths, the same stream counts and request counts,
   ignore_eos; its output tokens/s, and the base row's ratio to it (ours_to_vllm_bench: issue 12 wants >= 0.7). It
@@ -22,14 +23,19 @@ a row that fails records its error and the run goes on:
 - merge: serve/merge.py merges the attention + experts adapter in its own process (merge_s; a verified merge of the
   same base and adapter already on disk is reused: merge_reused), verified against HF+peft logits. Alone, it keeps
   the merged copy for a later `merged`; with `merged` in the same run, the copy it made is deleted afterwards.
-- merged: Engine.start(adapter_mode="merge") finds that merge and serves it; plus greedy: 5 prompts x 32 greedy
-  tokens, which `hf` compares with HF+peft's.
+- merged: Engine.start(adapter_mode="merge") finds that merge and serves it; plus the greedy probes: 32 greedy
+  tokens for each of 5 prompts, which `hf` compares with HF+peft's. Random prompts, or with --greedy-data the prompts
+  of the dataset the adapter was trained on: with random weights only a trained adapter makes the logits decisive
+  enough that bf16 rounding cannot flip a near-tie.
+- merge_attn, merged_attn: the same for the attention-only adapter. On an MXFP4 base its merge keeps the base's
+  MXFP4 experts, so the merged model should decode as fast as the base.
 - hf: after every engine has stopped (GPU memory), in a process of its own: HF transformers `generate` on the
   checkpoint the engine served (an MXFP4 one is dequantized to bf16 on load by transformers: noted), a batch of
   --hf-streams random prompts, greedy, the same output length: output tokens/s, and engine_to_hf, the engine's row
-  at that stream count over it (issue 12: >= 10x at 32). Then HF+peft (base + the merged row's adapter) greedy on
-  the merged row's 5 prompts: merged_greedy_equal of 5, first_diff per prompt.
-Per served row (base, hotload_*, warm, plain, merged), after a warm-up (8 completions, one short chat): one greedy
+  at that stream count over it (issue 12: >= 10x at 32). Then HF+peft (the row's model + adapter) greedy on the 5
+  prompts of each row with greedy probes (greedy_vs_peft: equal of 5, first_diff and HF+peft's smallest top-2 logit
+  gap per prompt).
+Per served row (base, hotload_*, warm, plain, merged*), after a warm-up (8 completions, one short chat): one greedy
 streamed chat (ChatClient.stream, the model's chat template, harmony for gpt-oss): ttft_s to the first chunk carrying
 tokens, reasoning included (ttft_text_s: to the first text), itl_p50_ms / itl_p90_ms: the gaps between chunks carrying
 tokens, stream_tok_s after the first. Then for each --streams count c: max(c, --min-requests) completions of P random
@@ -79,7 +85,9 @@ from gptoss_webui.serve.merge import merge_in_subprocess
 from gptoss_webui.sources import resolve_model
 
 ADAPTER = "adp"
-STAGES = ("base", "hotload_attn", "hotload_experts", "vllm_bench", "warm", "plain", "merge", "merged", "hf")
+STAGES = ("base", "hotload_attn", "hotload_experts", "vllm_bench", "warm", "plain", "merge", "merged", "merge_attn",
+          "merged_attn", "hf")
+MERGES = {"merge": "merged", "merge_attn": "merged_attn"}  # a merge stage -> the stage serving what it made
 DEFAULT_STAGES = tuple(s for s in STAGES if s != "plain")  # plain costs one more engine start
 BASE_LIKE = ("base", "warm")  # rows the ratios refer to
 GPU = dict(streams="1,16,32,64", prompt_tokens=128, output_tokens=128, max_model_len=2048, dtype="auto",
@@ -91,6 +99,7 @@ RESERVE_S = 60.0  # after an engine is up: at least one row and the stop
 PLAIN_IDS = 199_998  # o200k ranks below the special tokens
 CHAT = [{"role": "user", "content": "Tell me a short story about a lighthouse keeper and a storm."}]
 GREEDY_PROMPTS, GREEDY_PROMPT_TOKENS, GREEDY_TOKENS = 5, 16, 32  # issue 12: 32 tokens of 5 prompts
+GREEDY_STAGES = ("hotload_experts", "merged")  # the rows whose greedy tokens `hf` compares with HF+peft's
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -239,9 +248,26 @@ def adapter_to_first_token(engine: Engine, client: ChatClient, path: str, tries:
             "hotload_s": round(loads[0], 3), "hotload_p50_s": round(statistics.median(loads), 3)}
 
 
-def greedy_probes(engine: Engine, model: str) -> dict:
-    """The engine's first GREEDY_TOKENS greedy tokens for GREEDY_PROMPTS random prompts (ignore_eos), for `hf`."""
-    prompts = random_prompts(GREEDY_PROMPTS, GREEDY_PROMPT_TOKENS, "greedy")
+def greedy_prompts(model_spec: str, data: str | None) -> list[list[int]]:
+    """GREEDY_PROMPTS prompts: random ids, or with --greedy-data the first examples of that dataset up to where
+    training's labels start (the model's chat template up to the assistant's turn), tokenized as training does."""
+    if not data:
+        return random_prompts(GREEDY_PROMPTS, GREEDY_PROMPT_TOKENS, "greedy")
+    from transformers import AutoTokenizer
+
+    from gptoss_webui.config import DataConfig
+    from gptoss_webui.train.data import IGNORE_INDEX, detect_format, read_rows, to_messages, tokenize
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model(model_spec))
+    prompts = []
+    for row in read_rows(DataConfig(path=data))[:GREEDY_PROMPTS]:
+        example = tokenize(tokenizer, to_messages(row, detect_format(row)), 1 << 20, row.source)
+        prompts.append(example.input_ids[:next(i for i, v in enumerate(example.labels) if v != IGNORE_INDEX)])
+    return prompts
+
+
+def greedy_probes(engine: Engine, model: str, prompts: list[list[int]]) -> dict:
+    """The engine's first GREEDY_TOKENS greedy tokens for each prompt (ignore_eos), for `hf`."""
     tokens = [engine.complete(model, p, GREEDY_TOKENS, ignore_eos=True)["choices"][0]["token_ids"] for p in prompts]
     return {"prompts": prompts, "tokens": tokens}
 
@@ -277,9 +303,12 @@ def measure(engine: Engine, row: dict, session: Session, args: argparse.Namespac
         return
     if not stage.startswith("hotload"):
         serve_row(engine, row, engine.info.served_name, args)
-        if stage == "merged":
-            row["adapter"] = describe_adapter(session.adapters["merged"])
-            row["greedy"] = greedy_probes(engine, engine.info.served_name)
+        if stage in MERGES.values():
+            row["adapter"] = describe_adapter(session.adapters[stage])
+        if stage in GREEDY_STAGES:
+            row["greedy"] = {"model": session.model, "adapter": session.adapters[stage],
+                             **greedy_probes(engine, engine.info.served_name,
+                                             greedy_prompts(session.model, args.greedy_data))}
         return
     path = session.adapters[stage]
     row.update(model=ADAPTER, adapter=describe_adapter(path))
@@ -288,6 +317,9 @@ def measure(engine: Engine, row: dict, session: Session, args: argparse.Namespac
     row.update(adapter_changed=check.changed, check=str(check.message))
     try:
         serve_row(engine, row, ADAPTER, args)
+        if stage in GREEDY_STAGES:
+            row["greedy"] = {"model": session.model, "adapter": path,
+                             **greedy_probes(engine, ADAPTER, greedy_prompts(session.model, args.greedy_data))}
     finally:
         with contextlib.suppress(EngineError):
             engine.unload_adapter(ADAPTER)
@@ -375,12 +407,11 @@ def vllm_bench_child(spec_path: str) -> None:
 def hf_generate(args: argparse.Namespace, ctx: Context) -> dict:
     spec = {"model": resolve_model(ctx.base_model), "dtype": args.dtype, "streams": args.hf_streams,
             "prompt_tokens": args.prompt_tokens, "output_tokens": args.output_tokens}
-    merged = ctx.find("merged", lambda r: r.get("greedy"))
-    if merged is not None:
-        spec["peft"] = {"model": resolve_model(ctx.merge_model), "adapter": ctx.merge_adapter, **merged["greedy"]}
+    probed = [(stage, row["greedy"]) for stage in GREEDY_STAGES if (row := ctx.find(stage, lambda r: r.get("greedy")))]
+    spec["peft"] = [{**greedy, "stage": stage, "model": resolve_model(greedy["model"])} for stage, greedy in probed]
     row = child("hf_child", spec, args.out, "hf", ctx.left_s() - 10)
-    if merged is None:
-        row["peft_note"] = "no merged row with greedy tokens in this run or --previous: HF+peft not compared"
+    if not probed:
+        row["peft_note"] = "no row with greedy tokens in this run or --previous: HF+peft not compared"
     return row
 
 
@@ -443,33 +474,48 @@ def hf_child(spec_path: str) -> None:
     if device == "cuda":
         result["hf_peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     Path(spec["result"]).write_text(json.dumps(result))
-    if peft := spec.get("peft"):
-        from peft import PeftModel
+    from peft import PeftModel
 
-        if peft["model"] != spec["model"]:
-            del model
-            model, _ = _load_hf(peft["model"], spec["dtype"], device)
-        tuned = PeftModel.from_pretrained(model, peft["adapter"]).eval()
-        ours = greedy_hf(tuned, peft["prompts"], len(peft["tokens"][0]), device)
+    loaded, tuned = (spec["model"], None), None  # (model, adapter) in memory
+    result["greedy_vs_peft"] = {}
+    for probe in spec.get("peft", []):
+        if loaded != (probe["model"], probe["adapter"]):
+            if loaded != (probe["model"], None):  # another base, or this one with another adapter injected
+                del model, tuned
+                model, _ = _load_hf(probe["model"], spec["dtype"], device)
+            tuned = PeftModel.from_pretrained(model, probe["adapter"]).eval()
+            loaded = (probe["model"], probe["adapter"])
+        gaps: list[float] = []
+        ours = [greedy_hf(tuned, [prompt], len(probe["tokens"][0]), device, gaps)[0] for prompt in probe["prompts"]]
         first_diff = [next((i for i, (a, b) in enumerate(zip(x, y, strict=True)) if a != b), None)
-                      for x, y in zip(ours, peft["tokens"], strict=True)]
-        result.update(merged_greedy_equal=sum(d is None for d in first_diff), merged_greedy_of=len(first_diff),
-                      merged_greedy_tokens=len(peft["tokens"][0]), merged_first_diff=first_diff)
+                      for x, y in zip(ours, probe["tokens"], strict=True)]
+        result["greedy_vs_peft"][probe["stage"]] = {
+            "equal": sum(d is None for d in first_diff), "of": len(first_diff), "tokens": len(probe["tokens"][0]),
+            "first_diff": first_diff, "min_top2_gap": [round(g, 3) for g in gaps]}
         Path(spec["result"]).write_text(json.dumps(result))
 
 
-def greedy_hf(model, prompts: list[list[int]], n: int, device: str) -> list[list[int]]:
-    """Greedy continuation with the KV cache, never stopping at EOS (the engine's ignore_eos)."""
+def greedy_hf(model, prompts: list[list[int]], n: int, device: str,
+              gaps: list[float] | None = None) -> list[list[int]]:
+    """Greedy continuation with the KV cache, never stopping at EOS (the engine's ignore_eos). `gaps` gets, per
+    prompt, the smallest logit gap between the first and second choice over the n tokens: how near a tie the
+    closest step was, which bf16 rounding can break either way."""
     import torch
 
     with torch.no_grad():
         out = model(input_ids=torch.tensor(prompts, device=device), use_cache=True)
-        tokens = []
+        tokens, smallest = [], None
         for _ in range(n):
-            nxt = out.logits[:, -1].argmax(-1)
+            logits = out.logits[:, -1].float()
+            top2 = logits.topk(2, dim=-1).values
+            gap = top2[:, 0] - top2[:, 1]
+            smallest = gap if smallest is None else torch.minimum(smallest, gap)
+            nxt = logits.argmax(-1)
             tokens.append(nxt)
             if len(tokens) < n:
                 out = model(input_ids=nxt[:, None], past_key_values=out.past_key_values, use_cache=True)
+    if gaps is not None:
+        gaps.extend(smallest.tolist())
     return torch.stack(tokens, 1).tolist()
 
 
@@ -563,18 +609,20 @@ def run_session(session: Session, args: argparse.Namespace, state_dir: Path, ctx
     """Start one engine (unless the session only merges), measure its rows, stop it. Returns the engine start time
     (None if it did not start). start_estimate_s: the last start measured, what this one needs at least."""
     rows = [{"stage": stage, "status": "ok"} for stage in session.stages]
-    serving = [r for r in rows if r["stage"] != "merge"]
+    serving = [r for r in rows if r["stage"] not in MERGES]
     engine = Engine(state_dir / "engine.json")
     made_merge: Path | None = None
     try:
-        if rows[0]["stage"] == "merge":
+        if rows[0]["stage"] in MERGES:
             try:
                 if ctx.left_s() < args.row_s + (RESERVE_S + start_estimate_s if serving else 0):
                     raise OutOfTime
-                rows[0]["adapter"] = describe_adapter(session.adapters["merge"])
-                merged = plan.merged_dir_for(session.adapters["merge"])
+                adapter = session.adapters[rows[0]["stage"]]
+                rows[0]["adapter"] = describe_adapter(adapter)
+                merged = plan.merged_dir_for(adapter)
                 spare = RESERVE_S + start_estimate_s if serving else 10
-                rows[0].update(merge(session, merged, args.out / "merge.log", ctx.left_s() - spare, args.dtype))
+                rows[0].update(merge(session.model, adapter, merged, args.out / "merge.log", ctx.left_s() - spare,
+                                     args.dtype))
                 made_merge = None if rows[0]["merge_reused"] else merged
             except Exception as exc:
                 _failed(rows[0], exc, engine)
@@ -592,9 +640,9 @@ def run_session(session: Session, args: argparse.Namespace, state_dir: Path, ctx
                 raise OutOfTime
             said: list[str] = []  # merged: "reused the merged model ..." shows it serves the merge timed above
             with engine_env(args):
-                if session.name == "merged":
+                if serving[0]["stage"] in MERGES.values():
                     info = engine.start(serve_config(session, args, ctx.left_s),
-                                        adapters={ADAPTER: session.adapters["merged"]}, adapter_mode="merge",
+                                        adapters={ADAPTER: session.adapters[serving[0]["stage"]]}, adapter_mode="merge",
                                         progress=lambda m: said.append(str(m)))
                 else:
                     info = engine.start(serve_config(session, args, ctx.left_s), enable_lora=session.enable_lora,
@@ -631,14 +679,14 @@ def run_session(session: Session, args: argparse.Namespace, state_dir: Path, ctx
             shutil.rmtree(made_merge, ignore_errors=True)  # a full copy of the weights (39 GiB for gpt-oss-20b)
 
 
-def merge(session: Session, merged: Path, log: Path, timeout_s: float, dtype: str) -> dict:
+def merge(model: str, adapter: str, merged: Path, log: Path, timeout_s: float, dtype: str) -> dict:
     t = time.perf_counter()  # merge_in_subprocess refuses at once when the disk cannot hold the copy
     # The merge in the dtype the engine serves (auto: the base's own). With random weights only fp32 throughout
     # (merge, engine, HF+peft) keeps near-tied greedy tokens comparable (bf16 parted at token 0-1, H200, 2026-12-01).
-    result = merge_in_subprocess(session.model, session.adapters["merge"], merged, log_path=log,
+    result = merge_in_subprocess(model, adapter, merged, log_path=log,
                                  timeout_s=None if math.isinf(timeout_s) else max(1.0, timeout_s),
                                  dtype=None if dtype == "auto" else dtype)
-    return {"model": session.model, "merge_s": round(result.seconds, 1),
+    return {"model": model, "merge_s": round(result.seconds, 1),
             "merge_wall_s": round(time.perf_counter() - t, 1), "merge_reused": result.reused,
             "merge_ok": result.ok, "merge_max_abs_diff": result.max_abs_diff, "merge_allowed": result.tolerance,
             "merge_reload_diff": result.reload_diff, "adapter_effect": result.adapter_effect,
@@ -662,6 +710,9 @@ def add_ratios(row: dict, ctx: Context, args: argparse.Namespace) -> None:
         engine = ref["out_tok_s"].get(str(args.hf_streams))
         if engine and row.get("hf_out_tok_s"):
             row.update(engine_tok_s=engine, engine_row=where, engine_to_hf=round(engine / row["hf_out_tok_s"], 2))
+        plain = ctx.find("plain", lambda r: bool(r.get("out_tok_s")))  # the engine as serving the base alone asks
+        if plain and (tok_s := plain["out_tok_s"].get(str(args.hf_streams))) and row.get("hf_out_tok_s"):
+            row.update(plain_tok_s=tok_s, plain_to_hf=round(tok_s / row["hf_out_tok_s"], 2))
     elif row.get("out_tok_s") and row["stage"] != "base":
         row["ratio_to_base"] = {c: round(v / ref["out_tok_s"][c], 3) for c, v in row["out_tok_s"].items()
                                 if ref["out_tok_s"].get(c)}
@@ -755,10 +806,10 @@ def _notes(row: dict) -> list[str]:
         out.append(f"errors: {row['errors']}")
     if row.get("hf_note"):
         out.append(f"HF generate: {row['hf_note']}, load {row.get('hf_load_s')} s")
-    if row.get("merged_greedy_of"):
-        out.append(f"merged engine's greedy tokens = HF+peft's for {row['merged_greedy_equal']} of "
-                   f"{row['merged_greedy_of']} prompts ({row['merged_greedy_tokens']} tokens; first differing "
-                   f"position per prompt: {row['merged_first_diff']})")
+    for stage, greedy in row.get("greedy_vs_peft", {}).items():
+        out.append(f"{stage}: the engine's greedy tokens = HF+peft's for {greedy['equal']} of {greedy['of']} prompts "
+                   f"({greedy['tokens']} tokens; first differing position per prompt: {greedy['first_diff']}; "
+                   f"HF+peft's smallest top-2 logit gap per prompt: {greedy['min_top2_gap']})")
     if row.get("adapter_to_first_token_s"):
         out.append(f"adapter to first token, {len(row['adapter_to_first_token_s'])} tries: "
                    f"{row['adapter_to_first_token_s']} s")
@@ -776,6 +827,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--adapters-dir", type=Path, help="where the built adapters (and merges) live; reused if "
                         "there (default: a temporary folder)")
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--greedy-data", help="the dataset --adapter was trained on: the greedy probes "
+                        "(hotload_experts, merged; hf compares them with HF+peft) are its first prompts, not random")
     parser.add_argument("--smoke", action="store_true", help="CPU: demo models and adapters built here, tiny sizes")
     parser.add_argument("--stages", default=",".join(DEFAULT_STAGES), help="comma-separated, of " + ",".join(STAGES))
     parser.add_argument("--streams", help=f"comma-separated stream counts; default {GPU['streams']}, "
@@ -832,6 +885,12 @@ def main(argv: list[str] | None = None) -> int:
 
         want = set(stages)
         attn = adapter(base_model, "attn", "attn") if "hotload_attn" in want else ""
+        # Smoke: vLLM's CPU build has no MXFP4 MoE kernel, so the attention-only merge (which keeps an MXFP4 base's
+        # experts) is served from the fp32 demo there.
+        attn_merge_model = "demo:tiny-gpt-oss" if args.smoke else args.model
+        merge_attn = ""
+        if want & {"merge_attn", "merged_attn"}:
+            merge_attn = adapter(attn_merge_model, "attn" if attn_merge_model == base_model else "attn-merge", "attn")
         experts = ""
         if want & {"hotload_experts", "merge", "merged", "hf"}:
             experts = args.adapter or adapter(merge_model, "experts", "experts")
@@ -851,7 +910,9 @@ def main(argv: list[str] | None = None) -> int:
                             {"hotload_attn": attn, "hotload_experts": hot_experts}),
                     Session("warm", ("warm", "vllm_bench"), base_model),
                     Session("plain", ("plain", "vllm_bench"), base_model, enable_lora=False),
-                    Session("merged", ("merge", "merged"), merge_model, {"merge": experts, "merged": experts})]
+                    Session("merged", ("merge", "merged"), merge_model, {"merge": experts, "merged": experts}),
+                    Session("merged_attn", ("merge_attn", "merged_attn"), attn_merge_model,
+                            {"merge_attn": merge_attn, "merged_attn": merge_attn})]
         start_estimate_s = 0.0
         for session in sessions:
             todo = tuple(s for s in session.stages if s in want and (s != "vllm_bench" or session.name == bench_on))

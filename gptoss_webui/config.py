@@ -183,7 +183,8 @@ class ServeConfig(_Strict):
                                  "adapter with expert LoRA the way measured faster at it (serve/policy.py)")
     enforce_eager: bool = Field(False, description="Skip graph capture: faster start, slower decode")
     extra_args: list[str] = Field(default_factory=list, description="More vLLM server arguments, as on its command "
-                                  "line (e.g. --moe-backend marlin); not the flags the fields here set")
+                                  "line (e.g. --moe-backend triton: MXFP4 experts run marlin unless told); not the "
+                                  "flags the fields here set")
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
     api_key_env: str = Field("GPTOSS_API_KEY", description="Environment variable holding the API key "

@@ -1,5 +1,6 @@
-"""bench/serve.py on the CPU: the smoke run drives the real vLLM CPU engine through every stage (three engine starts,
-two hot-loaded adapters, vLLM's own benchmark, a merge of an MXFP4 base with expert LoRA, HF generate and HF+peft),
+"""bench/serve.py on the CPU: the smoke run drives the real vLLM CPU engine through every stage (four engine starts,
+two hot-loaded adapters, vLLM's own benchmark, a merge of an MXFP4 base with expert LoRA and one of attention LoRA,
+HF generate and HF+peft against the hot-loaded and the merged adapter's greedy tokens),
 with an extra engine argument passed through; the time budget skips what cannot start."""
 
 from __future__ import annotations
@@ -14,19 +15,25 @@ import sys
 import pytest
 from serve_fixtures import free_port
 
-from bench.serve import Context, Session, main, make_adapter, percentile, run_session
+from bench.serve import Context, Session, greedy_prompts, main, make_adapter, percentile, run_session
 
 pytestmark = pytest.mark.slow
 
-STAGES = ["base", "hotload_attn", "hotload_experts", "vllm_bench", "warm", "merge", "merged", "hf"]
-SERVED = ["base", "hotload_attn", "hotload_experts", "warm", "merged"]
+STAGES = ["base", "hotload_attn", "hotload_experts", "vllm_bench", "warm", "merge", "merged", "merge_attn",
+          "merged_attn", "hf"]
+SERVED = ["base", "hotload_attn", "hotload_experts", "warm", "merged", "merged_attn"]
+MEMORIZE = "bench/data/memorize.jsonl"  # what the GPU run trains its adapter on (bench/gpu/run.sh memorize)
 
 
 def test_smoke_measures_every_stage(tmp_path):
+    from transformers import AutoTokenizer
+
+    from gptoss_webui.sources import resolve_model
+
     out = tmp_path / "out"
     # A port of its own: an engine another checkout runs on the default port would answer our health checks.
     proc = subprocess.run([sys.executable, "-m", "bench.serve", "--smoke", "--out", str(out),
-                           "--port", str(free_port()), "--engine-arg", "seed=7"],
+                           "--port", str(free_port()), "--engine-arg", "seed=7", "--greedy-data", MEMORIZE],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     data = json.loads((out / "bench_serve.json").read_text())
@@ -36,7 +43,8 @@ def test_smoke_measures_every_stage(tmp_path):
     base, warm, merged, bench, hf = rows["base"], rows["warm"], rows["merged"], rows["vllm_bench"], rows["hf"]
     assert base["model"] == "tiny-dense" and base["lora_enabled"] and base["start_s"] > 0
     # the extra engine argument reached vLLM in every engine start
-    assert base["engine_args"] == warm["engine_args"] == merged["engine_args"] == {"seed": True}
+    assert base["engine_args"] == warm["engine_args"] == merged["engine_args"] == rows["merged_attn"]["engine_args"] \
+        == {"seed": True}
     assert warm["start_warm_s"] > 0 and warm["start_s"] == base["start_s"]
 
     for stage in ("hotload_attn", "hotload_experts"):  # hot-load request -> first streamed token, 10 tries
@@ -61,7 +69,7 @@ def test_smoke_measures_every_stage(tmp_path):
             assert t["out_tok_s"] > 0 and t["total_tok_s"] > t["out_tok_s"] and 0 < t["p50_s"] <= t["max_s"]
             assert row["out_tok_s"][count] == t["out_tok_s"]
         if stage != "base":
-            reference = warm if stage == "merged" else base
+            reference = warm if stage.startswith("merged") else base
             assert row["base_row"] == reference["stage"]
             for count, ratio in row["ratio_to_base"].items():
                 assert ratio > 0
@@ -82,21 +90,35 @@ def test_smoke_measures_every_stage(tmp_path):
     assert merge["merge_max_abs_diff"] < 1e-4 and merge["adapter_effect"] > 1e-2
     assert merge["merge_experts"].startswith("float32 (the adapter changes the experts")
     assert not merged["lora_enabled"] and any("reused the merged model" in n for n in merged["notes"])
-    assert [len(p) for p in merged["greedy"]["prompts"]] == [16] * 5
-    assert [len(t) for t in merged["greedy"]["tokens"]] == [32] * 5
     assert any("MoE backend" in b for b in merged["backends"])
+    # the greedy probes: the prompts of the dataset, as training tokenized them, up to the assistant's turn
+    prompts = greedy_prompts("demo:tiny-gpt-oss-mxfp4", MEMORIZE)
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model("demo:tiny-gpt-oss-mxfp4"))
+    assert len(prompts) == 5 and all(tokenizer.decode(p).endswith("<|start|>assistant") for p in prompts)
+    assert "How do I keep basil alive" in tokenizer.decode(prompts[1])
+    for row in (merged, rows["hotload_experts"]):
+        assert row["greedy"]["prompts"] == prompts and [len(t) for t in row["greedy"]["tokens"]] == [32] * 5
+    assert merged["greedy"]["model"] == "demo:tiny-gpt-oss-mxfp4"
+    assert rows["hotload_experts"]["greedy"]["model"] == "demo:tiny-dense"
+
+    # the attention-only adapter merged: the fp32 demo here (the CPU has no MXFP4 kernel), the base's dtype kept
+    assert rows["merge_attn"]["model"] == "demo:tiny-gpt-oss" and rows["merge_attn"]["adapter"] == "r8 k,o,q,v"
+    assert rows["merge_attn"]["merge_ok"] and rows["merge_attn"]["merge_experts"] == "float32"
+    assert rows["merged_attn"]["adapter"] == "r8 k,o,q,v" and not rows["merged_attn"]["lora_enabled"]
 
     # HF generate after the engines stopped, and HF+peft against the merged engine's greedy tokens
     assert hf["hf_streams"] == 4 and hf["hf_out_tokens"] == 4 * 16 and hf["hf_out_tok_s"] > 0
     assert hf["engine_row"] == "warm" and hf["engine_tok_s"] == warm["out_tok_s"]["4"]
     assert hf["engine_to_hf"] == pytest.approx(hf["engine_tok_s"] / hf["hf_out_tok_s"], abs=0.01)
-    assert (hf["merged_greedy_of"], hf["merged_greedy_tokens"]) == (5, 32)
-    assert hf["merged_greedy_equal"] == 5 and hf["merged_first_diff"] == [None] * 5
+    assert list(hf["greedy_vs_peft"]) == ["hotload_experts", "merged"]  # the hot-loaded and the merged adapter
+    for greedy in hf["greedy_vs_peft"].values():  # fp32 throughout: the same tokens
+        assert (greedy["equal"], greedy["of"], greedy["tokens"]) == (5, 5, 32) and greedy["first_diff"] == [None] * 5
+        assert len(greedy["min_top2_gap"]) == 5 and all(g >= 0 for g in greedy["min_top2_gap"])
 
     assert data["meta"]["device"] == "CPU" and data["meta"]["vllm"].startswith("vllm")
     assert sorted(p.name for p in out.iterdir()) == ["bench_serve.json", "bench_serve.md", "engine_base.log",
-                                                     "engine_merged.log", "engine_warm.log", "hf.log", "merge.log",
-                                                     "vllm_bench.log"]
+                                                     "engine_merged.log", "engine_merged_attn.log", "engine_warm.log",
+                                                     "hf.log", "merge.log", "vllm_bench.log"]
     table = (out / "bench_serve.md").read_text()
     assert table.count("| ok |") == len(STAGES) and table in proc.stdout
     assert "| hf | - | - | " + f"{hf['hf_out_tok_s']} | {hf['engine_to_hf']} |" in table

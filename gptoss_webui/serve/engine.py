@@ -175,6 +175,8 @@ class Engine:
             for adapter in adapters.values():
                 plan.check_adapter_base(model, adapter)
             adapter_plan = policy.plan_adapters(model, model_cfg, adapters, adapter_mode, config, cpu)
+            merged = next(iter(adapters.values())) if adapter_plan.mode == "merge" else None
+            plan.check_mxfp4_serving(model_cfg, merged, config.dtype, cpu)
         except (plan.PlanError, ValueError) as exc:
             raise EngineError(plan.cause(exc)) from None
         can_lora, lora_why = plan.lora_support(model_cfg, cpu)

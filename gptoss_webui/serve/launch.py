@@ -15,9 +15,12 @@ import psutil
 
 from gptoss_webui.config import ServeConfig
 from gptoss_webui.messages import say
+from gptoss_webui.mxfp4 import is_mxfp4_config
 from gptoss_webui.paths import cache_dir
 from gptoss_webui.serve import plan, procs
 from gptoss_webui.serve.state import EngineError, EngineInfo
+
+MXFP4_MOE_BACKEND = "marlin"  # vLLM's MoE kernel for MXFP4 experts; serve.extra_args may name another
 
 
 def build_command(info: EngineInfo, config: ServeConfig) -> list[str]:
@@ -39,6 +42,10 @@ def build_command(info: EngineInfo, config: ServeConfig) -> list[str]:
         cmd += ["--cudagraph-capture-sizes", *map(str, graph_sizes(config.max_concurrency))]
     if info.model_type == "gpt_oss":
         cmd += ["--reasoning-parser", "openai_gptoss"]
+    if not cpu and is_mxfp4_config(plan.model_config(info.model)) and "--moe-backend" not in config.extra_args:
+        # vLLM 0.26 picks MARLIN for MXFP4 experts with LoRA on and TRITON with it off; on an H200, TRITON decoded the
+        # 20b at 0.38-0.41x MARLIN's speed at 32 and 64 requests (bench/README.md, 2026-12-01, sixth session).
+        cmd += ["--moe-backend", MXFP4_MOE_BACKEND]
     if info.lora_enabled:
         wanted = max([config.max_lora_rank, *(plan.adapter_rank(p) for p in info.pending_adapters.values())])
         rank = info.max_lora_rank = plan.vllm_lora_rank(wanted)
@@ -65,6 +72,10 @@ def build_env(info: EngineInfo, config: ServeConfig) -> dict[str, str]:
     # torch.compile artefacts and the start-up plan persist in the workspace (the /data volume in Docker),
     # so the next start of the same engine skips them.
     env.setdefault("VLLM_CACHE_ROOT", str(cache_dir() / "vllm"))
+    # The start-up plan: the KV cache size the first start profiled, kept under VLLM_CACHE_ROOT and reused by later
+    # starts of the same config on the same card (vLLM re-profiles when anything differs, or when less memory is
+    # free). Off in vLLM by default; a warm start then skips the memory profiling and its CUDA graph memory estimate.
+    env.setdefault("VLLM_ENABLE_STARTUP_PLAN", "1")
     # The API server forks its EngineCore (vLLM's library default) instead of spawning it (what `vllm serve` picks when
     # this is unset): a spawned EngineCore imports vLLM again, 16 s of a warm start's 82 s on an H200 (2026-12-01,
     # bench/README.md). vLLM switches to spawn itself where fork is unsafe (CUDA initialized in the server) and on

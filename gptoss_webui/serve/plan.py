@@ -13,6 +13,7 @@ from importlib import metadata
 from pathlib import Path
 
 from gptoss_webui.messages import Message, say
+from gptoss_webui.mxfp4 import is_mxfp4_config
 
 # vLLM's CPU attention kernels (CPU-STACK.md); a model with another head size fails at start-up.
 CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
@@ -74,6 +75,20 @@ def check_model(model: str, cpu: bool) -> dict:
         if head and head not in CPU_HEAD_SIZES:
             raise PlanError(say("serving.plan.cpu_head_size", head=head, sizes=", ".join(map(str, CPU_HEAD_SIZES))))
     return cfg
+
+
+def check_mxfp4_serving(model_cfg: dict, merged_adapter: str | Path | None, dtype: str, cpu: bool) -> None:
+    """Refuse what vLLM cannot serve with MXFP4 experts, before a start: its CPU build has no MXFP4 MoE kernel, and
+    its MXFP4 kernels compute in bf16 only. The folder served keeps the base's MXFP4 experts unless the adapter merged
+    into it changes them (the merge then stores them in the merge's dtype)."""
+    if not is_mxfp4_config(model_cfg):
+        return
+    if merged_adapter is not None and read_adapter_config(merged_adapter).get("target_parameters"):
+        return
+    if cpu:
+        raise PlanError(say("serving.plan.cpu_mxfp4"))
+    if dtype not in ("auto", "bfloat16"):
+        raise PlanError(say("serving.plan.mxfp4_dtype", dtype=dtype))
 
 
 def lora_support(model_cfg: dict, cpu: bool) -> tuple[bool, Message]:

@@ -40,6 +40,13 @@ Served = Literal["hotload", "merge"]
 MXFP4_HOTLOAD_FROM = 32
 MXFP4_MERGED_AT_1 = round(296 / 213, 2)  # the merged model over hot-loaded LoRA, 1 request
 MXFP4_MERGED_AT_64 = round(4206 / 4860, 2)  # the same at 64
+# An adapter on attention alone leaves the experts untouched, so its merge keeps the base's MXFP4 experts and decodes at
+# the base's speed (sixth session, r=8 on q,k,v,o, vLLM's MARLIN MoE kernel in both engines):
+#   concurrent requests        1      16      32      64
+#   hot-loaded               217   1,857   3,298   2,808
+#   merged (MXFP4 experts)   313   2,332   3,912   6,334
+# Faster merged at every concurrency, so `auto` merges it on an MXFP4 base.
+MXFP4_ATTENTION_MERGED = (round(313 / 217, 2), round(6334 / 2808, 2))  # merged over hot-loaded, at 1 and 64
 # A bf16 base: hot-loaded expert LoRA decoded 728 output tokens/s against the base's 1,564 at 64 requests (H100, the
 # bf16 20b, vLLM 0.26, 2026-11-28), and a merged model is the base's architecture in the base's dtype, so `auto`
 # merges from BF16_MERGE_FROM expected requests on.
@@ -67,9 +74,9 @@ class Action:
 def choose_mode(model: str, model_cfg: dict, adapter_dir: str | Path, requested: AdapterMode,
                 config: ServeConfig, cpu: bool) -> tuple[Served, Message]:
     """How one adapter is served, and why in one line. Explicit modes are kept (hot-load refused where the
-    engine cannot run LoRA for the architecture); auto merges where it cannot, and on a GPU chooses for expert LoRA
-    what was measured faster at the expected concurrency (the constants above), merging only if the merged model
-    fits."""
+    engine cannot run LoRA for the architecture); auto merges where it cannot, and on a GPU chooses what was measured
+    faster (the constants above): attention-only LoRA on an MXFP4 base merged; expert LoRA the faster way at the
+    expected concurrency, merged only if the merged model fits."""
     experts = bool(read_adapter_config(adapter_dir).get("target_parameters"))  # also: is it an adapter at all
     can_lora, why = lora_support(model_cfg, cpu)
     if requested == "hotload":
@@ -80,8 +87,13 @@ def choose_mode(model: str, model_cfg: dict, adapter_dir: str | Path, requested:
         return "merge", say("serving.policy.merge_requested")
     if not can_lora:
         return "merge", say("serving.policy.merge_instead", why=why)
-    if cpu or not experts:
+    if cpu:
         return "hotload", why
+    if not experts:
+        if not is_mxfp4_config(model_cfg):
+            return "hotload", why
+        low, high = MXFP4_ATTENTION_MERGED  # the merged copy keeps the MXFP4 experts: it fits where the base does
+        return "merge", say("serving.policy.mxfp4_attention_merge", low=low, high=high)
     concurrency = config.max_concurrency
     if is_mxfp4_config(model_cfg):
         if concurrency >= MXFP4_HOTLOAD_FROM:
