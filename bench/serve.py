@@ -6,7 +6,7 @@
 Everything goes through gptoss_webui.serve as the UI drives it (Engine, ChatClient). Stages (--stages), each a row;
 a row that fails records its error and the run goes on:
 - base: Engine.start on the base model, LoRA on where the architecture allows it, as the app does (start_s: launch
-  to /health, about 1 s resolution).
+  to /health, polled every 0.25 s).
 - hotload_attn, hotload_experts (same engine): an adapter with LoRA on the attention projections only, and one on
   attention + the experts of layers 7/15/23 (the cookbook's; make_adapter builds both from the model's config, or
   --adapter gives the second). adapter_to_first_token_s: `tries` times, from load_adapter(check=False) to the first

@@ -270,6 +270,7 @@ def test_mxfp4_experts_run_marlin_unless_told_otherwise(tmp_path, monkeypatch):
     assert " --moe-backend marlin" in " ".join(build_command(info, ServeConfig(model="m")))
     chosen = build_command(info, ServeConfig(model="m", extra_args="--moe-backend triton"))
     assert chosen.count("--moe-backend") == 1 and chosen[-2:] == ["--moe-backend", "triton"]  # the user's choice
+    assert "marlin" not in build_command(info, ServeConfig(model="m", extra_args="--moe_backend=triton"))
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt_oss"}))  # bf16 experts: vLLM's choice
     assert "--moe-backend" not in build_command(info, ServeConfig(model="m"))
     monkeypatch.setattr(launch.plan, "engine_is_cpu", lambda: True)  # (refused before a start: no MXFP4 kernel)

@@ -252,7 +252,7 @@ class Engine:
                 raise EngineError(say("serving.engine.stopped_starting"))
             if info.state == "running":
                 break
-            time.sleep(1.0)
+            time.sleep(0.25)  # a start is timed launch to ready (start_s): a coarser poll adds up to its period
         tell(say("serving.engine.ready", seconds=info.ready_at - info.started_at, url=info.base_url))
         with self._lock:
             pending, info.pending_adapters = dict(info.pending_adapters), {}
