@@ -266,10 +266,12 @@ def greedy_prompts(model_spec: str, data: str | None) -> list[list[int]]:
     return prompts
 
 
-def greedy_probes(engine: Engine, model: str, prompts: list[list[int]]) -> dict:
-    """The engine's first GREEDY_TOKENS greedy tokens for each prompt (ignore_eos), for `hf`."""
-    tokens = [engine.complete(model, p, GREEDY_TOKENS, ignore_eos=True)["choices"][0]["token_ids"] for p in prompts]
-    return {"prompts": prompts, "tokens": tokens}
+def greedy_probes(engine: Engine, served: str, model_spec: str, adapter: str, data: str | None) -> dict:
+    """The engine's first GREEDY_TOKENS greedy tokens (ignore_eos) for each of greedy_prompts, served as `served`
+    (model_spec + adapter, hot-loaded or merged), for `hf` to compare with HF+peft's."""
+    prompts = greedy_prompts(model_spec, data)
+    tokens = [engine.complete(served, p, GREEDY_TOKENS, ignore_eos=True)["choices"][0]["token_ids"] for p in prompts]
+    return {"model": model_spec, "adapter": adapter, "prompts": prompts, "tokens": tokens}
 
 
 def serve_row(engine: Engine, row: dict, model: str, args: argparse.Namespace) -> None:
@@ -306,9 +308,8 @@ def measure(engine: Engine, row: dict, session: Session, args: argparse.Namespac
         if stage in MERGES.values():
             row["adapter"] = describe_adapter(session.adapters[stage])
         if stage in GREEDY_STAGES:
-            row["greedy"] = {"model": session.model, "adapter": session.adapters[stage],
-                             **greedy_probes(engine, engine.info.served_name,
-                                             greedy_prompts(session.model, args.greedy_data))}
+            row["greedy"] = greedy_probes(engine, engine.info.served_name, session.model, session.adapters[stage],
+                                          args.greedy_data)
         return
     path = session.adapters[stage]
     row.update(model=ADAPTER, adapter=describe_adapter(path))
@@ -318,8 +319,7 @@ def measure(engine: Engine, row: dict, session: Session, args: argparse.Namespac
     try:
         serve_row(engine, row, ADAPTER, args)
         if stage in GREEDY_STAGES:
-            row["greedy"] = {"model": session.model, "adapter": path,
-                             **greedy_probes(engine, ADAPTER, greedy_prompts(session.model, args.greedy_data))}
+            row["greedy"] = greedy_probes(engine, ADAPTER, session.model, path, args.greedy_data)
     finally:
         with contextlib.suppress(EngineError):
             engine.unload_adapter(ADAPTER)

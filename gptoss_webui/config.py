@@ -164,6 +164,11 @@ VLLM_FLAGS_SET_HERE = {
 }
 
 
+def vllm_flag(arg: str) -> str:
+    """The flag an argument names, as vLLM reads it: --max_num_seqs=8 and --max-num-seqs 8 are both --max-num-seqs."""
+    return arg.split("=", 1)[0].replace("_", "-")
+
+
 class ServeConfig(_Strict):
     model: str = Field("demo:tiny-gpt-oss", json_schema_extra=READS_FILES,
                        description="Base or merged model folder to serve")
@@ -207,7 +212,7 @@ class ServeConfig(_Strict):
         if v and not v[0].startswith("--"):
             raise ValueError(say("config.extra_args_flag", arg=v[0]))
         for arg in v:
-            flag = arg.split("=", 1)[0].replace("_", "-")  # vLLM reads --max_num_seqs and --max-num-seqs alike
+            flag = vllm_flag(arg)
             if flag in VLLM_FLAGS_SET_HERE:
                 raise ValueError(say("config.extra_args_set_here", flag=flag, field=VLLM_FLAGS_SET_HERE[flag]))
         return v

@@ -15,7 +15,7 @@ import sys
 import pytest
 from serve_fixtures import free_port
 
-from bench.serve import Context, Session, greedy_prompts, main, make_adapter, percentile, run_session
+from bench.serve import Context, Session, greedy_hf, greedy_prompts, main, make_adapter, percentile, run_session
 
 pytestmark = pytest.mark.slow
 
@@ -164,5 +164,14 @@ def test_adapters_are_built_from_the_config_alone(tmp_path):
         changed = tuned(input_ids=ids).logits
         with tuned.disable_adapter():
             assert (tuned(input_ids=ids).logits - changed).abs().max() > 1e-2
+    # greedy_hf with the KV cache against one forward over prompt + its tokens: the same argmax at every step, and the
+    # smallest top-2 gap it reports is that forward's
+    gaps: list[float] = []
+    tokens = greedy_hf(tuned, ids.tolist(), 6, "cpu", gaps)[0]
+    with torch.no_grad():
+        steps = tuned(input_ids=torch.tensor([ids[0].tolist() + tokens])).logits[0, ids.shape[1] - 1:-1]
+    top2 = steps.topk(2, dim=-1).values
+    assert steps.argmax(-1).tolist() == tokens and len(gaps) == 1
+    assert gaps[0] == pytest.approx(float((top2[:, 0] - top2[:, 1]).min()), abs=1e-4)
     assert percentile([4.0, 1.0, 3.0, 2.0], 50) == 2.5 and percentile([1.0, 2.0], 90) == pytest.approx(1.9)
     assert percentile([], 50) is None

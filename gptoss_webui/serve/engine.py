@@ -317,7 +317,7 @@ class Engine:
         try:
             rank = plan.adapter_rank(path)
             plan.check_adapter_base(info.model, path)
-            fused_experts = bool(plan.read_adapter_config(path).get("target_parameters"))
+            fused_experts = plan.touches_experts(path)
         except plan.PlanError as exc:
             raise EngineError(plan.cause(exc)) from None
         if name == info.served_name or name in info.adapters:

@@ -324,13 +324,13 @@ def check_disk_space(base: str, adapter: Path, folder: Path, dtype: str | None =
     untouched: that copy keeps the base's MXFP4 codes and is about the base's size."""
     from gptoss_webui.architecture import ArchitectureError, resolve_architecture
     from gptoss_webui.mxfp4 import is_mxfp4_config
+    from gptoss_webui.serve.plan import PlanError, model_config, touches_experts
 
     try:
-        base_config = json.loads((Path(base) / "config.json").read_text(encoding="utf-8"))
-        touches_experts = bool(json.loads((adapter / "adapter_config.json").read_text()).get("target_parameters"))
-    except (OSError, json.JSONDecodeError):
-        base_config, touches_experts = {}, True
-    if is_mxfp4_config(base_config) and not touches_experts:
+        changes_experts = touches_experts(adapter)
+    except PlanError:  # the merge itself says what is wrong with the adapter
+        changes_experts = True
+    if is_mxfp4_config(model_config(base)) and not changes_experts:
         need = sum(p.stat().st_size for p in Path(base).glob("*.safetensors")) / 2**30
     else:
         try:

@@ -77,13 +77,18 @@ def check_model(model: str, cpu: bool) -> dict:
     return cfg
 
 
+def touches_experts(adapter_dir: str | Path) -> bool:
+    """Whether an adapter changes the fused experts (peft target_parameters), not only nn.Linear modules."""
+    return bool(read_adapter_config(adapter_dir).get("target_parameters"))
+
+
 def check_mxfp4_serving(model_cfg: dict, merged_adapter: str | Path | None, dtype: str, cpu: bool) -> None:
     """Refuse what vLLM cannot serve with MXFP4 experts, before a start: its CPU build has no MXFP4 MoE kernel, and
     its MXFP4 kernels compute in bf16 only. The folder served keeps the base's MXFP4 experts unless the adapter merged
     into it changes them (the merge then stores them in the merge's dtype)."""
     if not is_mxfp4_config(model_cfg):
         return
-    if merged_adapter is not None and read_adapter_config(merged_adapter).get("target_parameters"):
+    if merged_adapter is not None and touches_experts(merged_adapter):
         return
     if cpu:
         raise PlanError(say("serving.plan.cpu_mxfp4"))

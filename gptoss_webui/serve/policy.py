@@ -20,7 +20,7 @@ from gptoss_webui.serve.plan import (
     check_model,
     engine_is_cpu,
     lora_support,
-    read_adapter_config,
+    touches_experts,
 )
 
 if TYPE_CHECKING:
@@ -77,7 +77,7 @@ def choose_mode(model: str, model_cfg: dict, adapter_dir: str | Path, requested:
     engine cannot run LoRA for the architecture); auto merges where it cannot, and on a GPU chooses what was measured
     faster (the constants above): attention-only LoRA on an MXFP4 base merged; expert LoRA the faster way at the
     expected concurrency, merged only if the merged model fits."""
-    experts = bool(read_adapter_config(adapter_dir).get("target_parameters"))  # also: is it an adapter at all
+    experts = touches_experts(adapter_dir)  # also: is it an adapter at all
     can_lora, why = lora_support(model_cfg, cpu)
     if requested == "hotload":
         if not can_lora:
