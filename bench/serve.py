@@ -280,11 +280,13 @@ def serve_row(engine: Engine, row: dict, model: str, args: argparse.Namespace) -
     client = ChatClient.for_engine(engine)
     throughput(engine, model, WARMUP_REQUESTS, WARMUP_REQUESTS, args.prompt_tokens, args.output_tokens,
                f"{model}/warm-up")
-    try:  # a random-weight gpt-oss may trip vLLM's harmony parser: the throughput still counts
+    # A random-weight gpt-oss may trip vLLM's harmony parser. The row stays ok: its throughput and greedy probes still
+    # count (a failed status hid the merged row's probes from `hf`, H200, 2026-12-01).
+    try:
         stream_chat(client, model, 2)
         row.update(stream_chat(client, model, args.output_tokens))
     except ChatError as exc:
-        row["status"] = f"chat failed: {exc}"[:500]
+        row["chat_error"] = str(exc)[:500]
     row["throughput"] = {}
     for streams in args.streams:
         # Two batches' worth at this concurrency first, not counted: vLLM's Triton kernels (fused MoE, LoRA) compile
@@ -582,12 +584,16 @@ def engine_backends(engine: Engine) -> list[str]:
 
 
 def engine_args_applied(engine: Engine, args: argparse.Namespace) -> dict[str, bool]:
-    """Whether vLLM's 'non-default args' line shows each --engine-arg with its value."""
+    """Whether vLLM's 'non-default args' line shows each --engine-arg with its value; a JSON object's keys each
+    (vLLM prints the whole config, e.g. compilation-config={"cudagraph_specialize_lora":false})."""
     line = next((ln for ln in _engine_log(engine) if "non-default args:" in ln), "")
     applied = {}
     for item in args.engine_arg:
         key, sep, value = item.partition("=")
         shown = f"'{key.replace('-', '_')}': "
+        if value.startswith("{"):
+            applied[key] = shown in line and all(f"'{k}': {v!r}" in line for k, v in json.loads(value).items())
+            continue
         values = (value, f"'{value}'", f"['{value}']") if sep else ("True",)
         applied[key] = any(shown + v + end in line for v in values for end in (",", "}"))
     return applied
@@ -804,6 +810,8 @@ def _notes(row: dict) -> list[str]:
         out.append(f"`{row['command']}`")
     if row.get("errors"):
         out.append(f"errors: {row['errors']}")
+    if row.get("chat_error"):
+        out.append(f"the streamed chat failed: {row['chat_error']}")
     if row.get("hf_note"):
         out.append(f"HF generate: {row['hf_note']}, load {row.get('hf_load_s')} s")
     for stage, greedy in row.get("greedy_vs_peft", {}).items():

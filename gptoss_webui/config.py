@@ -160,7 +160,7 @@ VLLM_FLAGS_SET_HERE = {
     "--gpu-memory-utilization": "serve.gpu_memory_utilization", "--block-size": "serve.block_size",
     "--enforce-eager": "serve.enforce_eager", "--cudagraph-capture-sizes": "serve.max_concurrency",
     "--reasoning-parser": "serve.model", "--enable-lora": "serve.adapters", "--max-loras": "serve.max_loras",
-    "--max-lora-rank": "serve.max_lora_rank",
+    "--max-lora-rank": "serve.max_lora_rank", "--compilation-config.cudagraph-specialize-lora": "serve.base_graphs",
 }
 
 
@@ -187,6 +187,9 @@ class ServeConfig(_Strict):
                                  "--max-num-seqs); CUDA graphs are captured for batch sizes up to it; auto serves an "
                                  "adapter with expert LoRA the way measured faster at it (serve/policy.py)")
     enforce_eager: bool = Field(False, description="Skip graph capture: faster start, slower decode")
+    base_graphs: bool = Field(True, description="With LoRA on, capture CUDA graphs for requests to the base model "
+                              "too. Off: half the graphs and a faster start, but base requests decode without graphs, "
+                              "many times slower (measured in bench/README.md)")
     extra_args: list[str] = Field(default_factory=list, description="More vLLM server arguments, as on its command "
                                   "line (e.g. --moe-backend triton: MXFP4 experts run marlin unless told); not the "
                                   "flags the fields here set")
@@ -216,6 +219,13 @@ class ServeConfig(_Strict):
             if flag in VLLM_FLAGS_SET_HERE:
                 raise ValueError(say("config.extra_args_set_here", flag=flag, field=VLLM_FLAGS_SET_HERE[flag]))
         return v
+
+    @model_validator(mode="after")
+    def _one_compilation_config(self) -> ServeConfig:
+        """base_graphs off sets one key of vLLM's compilation config (dotted); a whole JSON one would replace it."""
+        if not self.base_graphs and "--compilation-config" in {vllm_flag(arg) for arg in self.extra_args}:
+            raise ValueError(say("config.compilation_config_json"))
+        return self
 
 
 class Recipe(_Strict):

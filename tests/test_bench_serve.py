@@ -15,7 +15,17 @@ import sys
 import pytest
 from serve_fixtures import free_port
 
-from bench.serve import Context, Session, greedy_hf, greedy_prompts, main, make_adapter, percentile, run_session
+from bench.serve import (
+    Context,
+    Session,
+    engine_args_applied,
+    greedy_hf,
+    greedy_prompts,
+    main,
+    make_adapter,
+    percentile,
+    run_session,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -39,7 +49,7 @@ def test_smoke_measures_every_stage(tmp_path):
     data = json.loads((out / "bench_serve.json").read_text())
     rows = {r["stage"]: r for r in data["rows"]}
     assert list(rows) == STAGES
-    assert all(r["status"] == "ok" for r in rows.values()), data["rows"]
+    assert all(r["status"] == "ok" and "chat_error" not in r for r in rows.values()), data["rows"]
     base, warm, merged, bench, hf = rows["base"], rows["warm"], rows["merged"], rows["vllm_bench"], rows["hf"]
     assert base["model"] == "tiny-dense" and base["lora_enabled"] and base["start_s"] > 0
     # the extra engine argument reached vLLM in every engine start
@@ -141,6 +151,21 @@ def test_a_failing_merge_is_recorded_not_raised(tmp_path):
     assert started is None and [r["stage"] for r in rows] == ["merge", "merged"]
     assert rows[0]["status"].startswith("error: ") and "not a LoRA adapter folder" in rows[0]["status"]
     assert rows[1]["status"] == "error: no merged model (the merge row failed)"
+
+
+def test_engine_args_are_read_back_from_vllms_log(tmp_path):
+    """vLLM logs its non-default args as a Python dict; a JSON-valued argument comes back as its whole config."""
+    from types import SimpleNamespace
+
+    log = tmp_path / "engine.log"
+    log.write_text("(APIServer pid=1) INFO [api_utils.py:273] non-default args: {'port': 8011, 'seed': 7, "
+                   "'moe_backend': 'marlin', 'compilation_config': {'mode': None, 'cudagraph_specialize_lora': False, "
+                   "'pass_config': {}}}\n")
+    engine = SimpleNamespace(info=SimpleNamespace(log_path=str(log)))
+    asked = ["seed=7", "moe-backend=marlin", 'compilation-config={"cudagraph_specialize_lora":false}',
+             'compilation-config={"cudagraph_specialize_lora":true}', "moe-backend=triton", "enforce-eager"]
+    applied = [engine_args_applied(engine, argparse.Namespace(engine_arg=[a])) for a in asked]
+    assert [next(iter(a.values())) for a in applied] == [True, True, True, False, False, False]
 
 
 def test_adapters_are_built_from_the_config_alone(tmp_path):

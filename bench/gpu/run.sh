@@ -75,12 +75,18 @@ PY
       rc=$? ;;
     memorize)  # the CLI trains the 1xh100 preset's adapter (attention + experts of layers 7/15/23) until it
       # reproduces the 5 answers of bench/data/memorize.jsonl: decisive logits for serve's greedy check (--greedy-data).
-      # lr 2e-3 stalled at loss 7 with grad-norm spikes (H200, 2026-12-01); 5e-4 is untried.
-      NAME=memorize bash bench/gpu/e2e.sh --set data.path=bench/data/memorize.jsonl --set data.max_length=256 \
-        --set optim.max_steps=${MEMORIZE_STEPS:-300} --set optim.learning_rate=${MEMORIZE_LR:-0.0005} \
-        --set optim.lr_scheduler=constant_with_warmup --set optim.warmup_ratio=0.02 \
-        --set optim.gradient_accumulation_steps=1 --set save_steps=100000 --set compile=false | tail -n 12
-      rc=${PIPESTATUS[0]} ;;
+      # MEMORIZE_RUNS="NAME:LR ...", each into $RUNS/NAME, one after another (the app queues runs on one GPU), about
+      # 170 s each. On an H200 (2026-12-01): lr 2e-4 reached loss 0.03-0.06 in 300 steps, 5e-4 0.26-0.35, and 2e-3
+      # stalled at 7 (bench/results/2026-12-01-h200-memorize-2.json).
+      rc=0
+      for run in ${MEMORIZE_RUNS:-memorize:0.0002}; do
+        NAME=${run%%:*} bash bench/gpu/e2e.sh --set data.path=bench/data/memorize.jsonl --set data.max_length=256 \
+          --set optim.max_steps=${MEMORIZE_STEPS:-300} --set optim.learning_rate=${run#*:} \
+          --set optim.lr_scheduler=constant_with_warmup --set optim.warmup_ratio=0.02 \
+          --set optim.gradient_accumulation_steps=1 --set save_steps=100000 --set compile=false \
+          | grep -E '^(step|done|error)' | awk 'NR % 25 == 0 || !/^step/'
+        [ "${PIPESTATUS[0]}" = 0 ] || rc=1
+      done ;;
     merge)  # the CLI's merge of the e2e run's adapter (run/merged), verified against HF+peft logits
       python3 -m gptoss_webui merge --run "$RUNS/e2e" > "$OUT/merge.log" 2>&1
       rc=$?; tail -n 5 "$OUT/merge.log" ;;

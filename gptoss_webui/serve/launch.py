@@ -56,6 +56,11 @@ def build_command(info: EngineInfo, config: ServeConfig) -> list[str]:
                               f"{config.max_lora_rank}, adapters need {wanted})")
         cmd += ["--enable-lora", "--max-loras", str(max(config.max_loras, len(info.pending_adapters))),
                 "--max-lora-rank", str(rank)]
+        if not (cpu or config.enforce_eager or config.base_graphs):
+            # vLLM captures every graph size twice with LoRA on, with and without adapters; this keeps the adapter
+            # ones. Dotted: vLLM merges it with extra_args' --compilation-config.KEY VALUE (a JSON one is refused).
+            cmd += ["--compilation-config.cudagraph_specialize_lora", "false"]
+            info.notes.append(str(say("serving.launch.base_graphs_off")))
     return cmd + config.extra_args
 
 

@@ -128,6 +128,7 @@ SERVE_FIELDS: list[FormField] = [
     _F("serve.max_loras", "serve.max_loras", "int"),
     _F("serve.max_lora_rank", "serve.max_lora_rank", "int"),
     _F("serve.enforce_eager", "serve.eager", "check"),
+    _F("serve.base_graphs", "serve.base_graphs", "check"),
     _F("serve.port", "serve.port", "int"),
     _F("serve.extra_args", "serve.extra_args", "args"),
 ]
