@@ -50,6 +50,8 @@ Smoke: vLLM's CPU build cannot run LoRA on gpt-oss (plan.lora_support), so base,
 demo:tiny-dense (its "experts" adapter is a stand-in: LoRA on attention + the MLP projections, since a dense model
 has no experts), and merge/merged demo:tiny-gpt-oss-mxfp4 (MXFP4 experts, as the released checkpoints) with an
 attention + experts adapter. Adapters get random lora_B (peft's lora_B = 0 would change nothing).
+--profile runs one more batch per served row, at the largest stream count, under vLLM's torch profiler: the table
+of the engine's operators and kernels (by self CUDA time on a GPU) goes to DIR/profile_<stage>.txt.
 DIR gets bench_serve.json (rewritten after every row), bench_serve.md, engine_<session>.log, merge.log,
 vllm_bench.log and hf.log.
 """
@@ -80,6 +82,7 @@ from pathlib import Path
 from gptoss_webui.config import ServeConfig
 from gptoss_webui.serve import plan
 from gptoss_webui.serve.chat import ChatClient, ChatError, SamplingParams
+from gptoss_webui.serve.client import ServerClient
 from gptoss_webui.serve.engine import Engine, EngineError
 from gptoss_webui.serve.merge import merge_in_subprocess
 from gptoss_webui.sources import resolve_model
@@ -101,6 +104,7 @@ CHAT = [{"role": "user", "content": "Tell me a short story about a lighthouse ke
 GREEDY_PROMPTS, GREEDY_PROMPT_TOKENS, GREEDY_TOKENS = 5, 16, 32  # issue 12: 32 tokens of 5 prompts
 GREEDY_STAGES = ("hotload_experts", "merged")  # the rows whose greedy tokens `hf` compares with HF+peft's
 ROOT = Path(__file__).resolve().parents[1]
+PROFILER_DIR = Path(tempfile.gettempdir()) / "bench-serve-profiler"  # --profile: vLLM's traces, on this host only
 
 
 class OutOfTime(Exception):
@@ -298,6 +302,36 @@ def serve_row(engine: Engine, row: dict, model: str, args: argparse.Namespace) -
                                                      args.prompt_tokens, args.output_tokens,
                                                      f"{model}/{row['stage']}/{streams}")
     row["out_tok_s"] = {c: t["out_tok_s"] for c, t in row["throughput"].items()}
+    if args.profile:
+        row["profile"] = profile_decode(engine, model, row["stage"], args)
+
+
+def profile_flags() -> list[str]:
+    """vLLM's torch profiler, off until /start_profile. Its traces go to PROFILER_DIR (large: they stay on the host);
+    the kernel table it prints at /stop_profile is what profile_decode keeps. No Python stacks: they slow the step."""
+    return ["--profiler-config.profiler", "torch", "--profiler-config.torch_profiler_dir", str(PROFILER_DIR),
+            "--profiler-config.torch_profiler_with_stack", "false"]
+
+
+def profile_decode(engine: Engine, model: str, stage: str, args: argparse.Namespace) -> str:
+    """One more batch at the largest stream count under vLLM's profiler (uncounted): vLLM's table of the engine's
+    operators and kernels by self CUDA time lands in --out as profile_<stage>.txt, whose name is returned."""
+    server, streams = ServerClient(engine.info.base_url, engine.api_key), max(args.streams)
+    shutil.rmtree(PROFILER_DIR, ignore_errors=True)  # the last row's traces
+    PROFILER_DIR.mkdir(parents=True)
+    server.request("POST", "/start_profile", None, "starting vLLM's profiler")
+    try:
+        throughput(engine, model, streams, streams, args.prompt_tokens, args.output_tokens, f"{model}/{stage}/profile")
+    finally:
+        server.request("POST", "/stop_profile", None, "stopping vLLM's profiler")
+    # The worker's table, written before /stop_profile answers: profiler_out_0.txt (vLLM 0.26), rank0.profiler_out.txt
+    # (0.32); the API process writes one of its own (async_llm), without the kernels.
+    tables = [t for t in PROFILER_DIR.glob("*profiler_out*.txt") if "async_llm" not in t.name]
+    if not tables:
+        raise RuntimeError(f"vLLM's profiler wrote no kernel table in {PROFILER_DIR}")
+    kept = args.out / f"profile_{stage}.txt"
+    shutil.copyfile(min(tables), kept)  # rank 0's
+    return kept.name
 
 
 def measure(engine: Engine, row: dict, session: Session, args: argparse.Namespace, ctx: Context) -> None:
@@ -606,7 +640,8 @@ def serve_config(session: Session, args: argparse.Namespace, left_s: Callable[[]
     return ServeConfig(model=session.model, dtype=args.dtype, max_model_len=args.max_model_len,
                        gpu_memory_utilization=args.gpu_memory_utilization, enforce_eager=args.enforce_eager,
                        port=args.port, cpu_kv_cache_gib=1, max_lora_rank=plan.vllm_lora_rank(max(ranks or [8])),
-                       max_concurrency=max(*args.streams, WARMUP_REQUESTS), extra_args=engine_arg_flags(args),
+                       max_concurrency=max(*args.streams, WARMUP_REQUESTS),
+                       extra_args=engine_arg_flags(args) + (profile_flags() if args.profile else []),
                        start_timeout_s=min(600, left_s() - RESERVE_S))
 
 
@@ -812,6 +847,8 @@ def _notes(row: dict) -> list[str]:
         out.append(f"errors: {row['errors']}")
     if row.get("chat_error"):
         out.append(f"the streamed chat failed: {row['chat_error']}")
+    if row.get("profile"):
+        out.append(f"vLLM's profiler over one batch at the largest stream count: {row['profile']}")
     if row.get("hf_note"):
         out.append(f"HF generate: {row['hf_note']}, load {row.get('hf_load_s')} s")
     for stage, greedy in row.get("greedy_vs_peft", {}).items():
@@ -853,6 +890,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="add --KEY VALUE to vLLM's command line (KEY alone: a flag); repeatable")
     parser.add_argument("--engine-env", action="append", default=[], metavar="KEY=VALUE",
                         help="an environment variable for the engine; repeatable")
+    parser.add_argument("--profile", action="store_true", help="each served row: one more batch at the largest "
+                        "stream count under vLLM's torch profiler; its kernel table in --out as profile_<stage>.txt")
     parser.add_argument("--previous", type=Path, help="bench_serve.json of an earlier run on this host: its base row "
                         "is the reference where this run has none (warm's start_s, ratios)")
     args = parser.parse_args(argv)
@@ -877,6 +916,8 @@ def main(argv: list[str] | None = None) -> int:
             "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
             "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.profile:
+        PROFILER_DIR.mkdir(parents=True, exist_ok=True)  # vLLM checks it at start
     t0 = time.perf_counter()
     budget = args.budget_s if args.budget_s is not None else math.inf
     previous = json.loads(args.previous.read_text())["rows"] if args.previous and args.previous.is_file() else []

@@ -134,6 +134,19 @@ def test_smoke_measures_every_stage(tmp_path):
     assert "| hf | - | - | " + f"{hf['hf_out_tok_s']} | {hf['engine_to_hf']} |" in table
 
 
+def test_profile_keeps_the_engines_kernel_table(tmp_path):
+    """--profile: one more batch per served row under vLLM's own torch profiler, its operator table kept in --out
+    (the traces stay behind: on the GPU they run to hundreds of MB)."""
+    assert main(["--smoke", "--stages", "base", "--profile", "--out", str(tmp_path), "--port", str(free_port())]) == 0
+    row = json.loads((tmp_path / "bench_serve.json").read_text())["rows"][0]
+    assert row["status"] == "ok" and row["profile"] == "profile_base.txt", row
+    table = (tmp_path / "profile_base.txt").read_text()
+    assert "Self CPU" in table and "execute_context" in table  # the engine's steps, recorded in its worker
+    assert not list(tmp_path.glob("*.pt.trace.json*"))
+    assert "vLLM's profiler over one batch at the largest stream count: profile_base.txt" in (
+        tmp_path / "bench_serve.md").read_text()
+
+
 def test_budget_skips_what_cannot_start(tmp_path):
     assert main(["--smoke", "--out", str(tmp_path), "--budget-s", "1"]) == 0
     rows = json.loads((tmp_path / "bench_serve.json").read_text())["rows"]
