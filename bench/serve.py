@@ -40,7 +40,9 @@ streamed chat (ChatClient.stream, the model's chat template, harmony for gpt-oss
 tokens, reasoning included (ttft_text_s: to the first text), itl_p50_ms / itl_p90_ms: the gaps between chunks carrying
 tokens, stream_tok_s after the first. Then for each --streams count c: max(c, --min-requests) completions of P random
 prompt ids and O output tokens (ignore_eos), c at a time: out_tok_s[c], total_tok_s, p50 and max latency
-(throughput[c]); ratio_to_base[c]: over the base row (the warm one where this run has it) at the same c.
+(throughput[c]); ratio_to_base[c]: over the base row (the warm one where this run has it) at the same c. Issue 12's
+decode throughput from the engine's own histograms over those requests (no client overhead, prefill excluded):
+tpot_ms, the mean time per output token after the first; decode_tok_s[c] = c / tpot_ms; decode_ratio_to_base[c].
 
 --engine-arg KEY=VALUE adds `--KEY VALUE` to vLLM's command line through ServeConfig.extra_args (e.g.
 moe-backend=marlin, to compare MoE LoRA kernels by measurement), and the row says whether the engine log shows that
@@ -190,6 +192,8 @@ def throughput(engine: Engine, model: str, streams: int, requests: int, prompt_t
         usage = engine.complete(model, prompt, output_tokens, ignore_eos=True)["usage"]
         return time.perf_counter() - t, usage["prompt_tokens"], usage["completion_tokens"]
 
+    server = ServerClient(engine.info.base_url, engine.api_key)
+    before = engine_metrics(server)
     t0 = time.perf_counter()
     with ThreadPoolExecutor(streams) as pool:
         results = list(pool.map(one, prompts))
@@ -198,7 +202,37 @@ def throughput(engine: Engine, model: str, streams: int, requests: int, prompt_t
     tokens_in, tokens_out = sum(r[1] for r in results), sum(r[2] for r in results)
     return {"streams": streams, "requests": requests, "wall_s": round(wall, 3), "out_tokens": tokens_out,
             "out_tok_s": round(tokens_out / wall, 1), "total_tok_s": round((tokens_in + tokens_out) / wall, 1),
-            "p50_s": round(statistics.median(latencies), 3), "max_s": round(max(latencies), 3)}
+            "p50_s": round(statistics.median(latencies), 3), "max_s": round(max(latencies), 3),
+            **decode_rates(before, engine_metrics(server), streams)}
+
+
+# vLLM's per-request histograms (server side, no client overhead): the time from a request's first token to its
+# last over its tokens after the first, and its time to the first token.
+TPOT_METRIC, TTFT_METRIC = "vllm:request_time_per_output_token_seconds", "vllm:time_to_first_token_seconds"
+
+
+def engine_metrics(server: ServerClient) -> dict[str, float]:
+    """The _sum and _count series of TPOT_METRIC and TTFT_METRIC from the engine's Prometheus page, each summed over
+    its labels (one model is asked at a time here)."""
+    totals: dict[str, float] = {}
+    for line in str(server.request("GET", "/metrics", None, "reading the engine's metrics")).splitlines():
+        name, _, value = line.partition("{") if "{" in line else line.partition(" ")
+        if name.startswith((TPOT_METRIC, TTFT_METRIC)) and name.endswith(("_sum", "_count")):
+            totals[name] = totals.get(name, 0.0) + float(value.rsplit(" ", 1)[-1])
+    return totals
+
+
+def decode_rates(before: dict[str, float], after: dict[str, float], streams: int) -> dict:
+    """Issue 12's decode throughput: `streams` sequences decoding together, each at vLLM's mean time per output token
+    over the batch's requests (their first token, which waits for the prefill, excluded); and the mean TTFT."""
+    def mean(metric: str) -> float | None:
+        count = after.get(f"{metric}_count", 0.0) - before.get(f"{metric}_count", 0.0)
+        return (after[f"{metric}_sum"] - before.get(f"{metric}_sum", 0.0)) / count if count > 0 else None
+
+    tpot, ttft = mean(TPOT_METRIC), mean(TTFT_METRIC)
+    timed = after.get(f"{TPOT_METRIC}_count", 0.0) - before.get(f"{TPOT_METRIC}_count", 0.0)
+    return {"tpot_ms": _round(tpot * 1000 if tpot else None, 2), "ttft_mean_s": _round(ttft),
+            "decode_tok_s": _round(streams / tpot if tpot else None, 1), "timed_requests": int(timed)}
 
 
 def requests_for(streams: int, args: argparse.Namespace) -> int:
@@ -302,6 +336,7 @@ def serve_row(engine: Engine, row: dict, model: str, args: argparse.Namespace) -
                                                      args.prompt_tokens, args.output_tokens,
                                                      f"{model}/{row['stage']}/{streams}")
     row["out_tok_s"] = {c: t["out_tok_s"] for c, t in row["throughput"].items()}
+    row["decode_tok_s"] = {c: t["decode_tok_s"] for c, t in row["throughput"].items() if t["decode_tok_s"]}
     if args.profile:
         row["profile"] = profile_decode(engine, model, row["stage"], args)
 
@@ -757,6 +792,8 @@ def add_ratios(row: dict, ctx: Context, args: argparse.Namespace) -> None:
     elif row.get("out_tok_s") and row["stage"] != "base":
         row["ratio_to_base"] = {c: round(v / ref["out_tok_s"][c], 3) for c, v in row["out_tok_s"].items()
                                 if ref["out_tok_s"].get(c)}
+        base_decode, decode = ref.get("decode_tok_s") or {}, row.get("decode_tok_s") or {}
+        row["decode_ratio_to_base"] = {c: round(v / base_decode[c], 3) for c, v in decode.items() if base_decode.get(c)}
         row["base_row"] = where
 
 
@@ -827,8 +864,16 @@ def markdown(rows: list[dict], meta: dict) -> str:
         if any(got.values()):
             tput.append(f"| {r['stage']} | " + " | ".join(f"{_cell(got.get(c))} | {_cell(ratios.get(c))}"
                                                           for c in counts) + " |")
+    decode = ["", "Decode tokens/s (c / vLLM's mean time per output token, the first token excluded) and the ratio to "
+              "the base row's.", "",
+              "| stage | " + " | ".join(f"{c} streams | ratio" for c in counts) + " |",
+              "|---|" + "---|---|" * len(counts)]
+    decode += [f"| {r['stage']} | " + " | ".join(f"{_cell(r['decode_tok_s'].get(c))} | "
+                                                 f"{_cell((r.get('decode_ratio_to_base') or {}).get(c))}"
+                                                 for c in counts) + " |" for r in rows if r.get("decode_tok_s")]
     notes = [f"- {r['stage']}: {text}" for r in rows for text in _notes(r)]
-    return head + "\n".join(lines + tput) + "\n" + ("\n" + "\n".join(notes) + "\n" if notes else "")
+    return (head + "\n".join(lines + tput + (decode if len(decode) > 5 else [])) + "\n"
+            + ("\n" + "\n".join(notes) + "\n" if notes else ""))
 
 
 def _notes(row: dict) -> list[str]:

@@ -78,12 +78,19 @@ def test_smoke_measures_every_stage(tmp_path):
             assert (t["streams"], t["requests"], t["out_tokens"]) == (int(count), requests, requests * 16)
             assert t["out_tok_s"] > 0 and t["total_tok_s"] > t["out_tok_s"] and 0 < t["p50_s"] <= t["max_s"]
             assert row["out_tok_s"][count] == t["out_tok_s"]
+            # decode throughput from vLLM's own histograms, over exactly this count's requests
+            assert t["timed_requests"] == requests and t["tpot_ms"] > 0 and t["ttft_mean_s"] > 0
+            assert t["decode_tok_s"] == pytest.approx(int(count) * 1000 / t["tpot_ms"], rel=1e-2)
+            assert row["decode_tok_s"][count] == t["decode_tok_s"]
         if stage != "base":
             reference = warm if stage.startswith("merged") else base
             assert row["base_row"] == reference["stage"]
             for count, ratio in row["ratio_to_base"].items():
                 assert ratio > 0
                 assert ratio == pytest.approx(row["out_tok_s"][count] / reference["out_tok_s"][count], abs=2e-3)
+            assert row["decode_ratio_to_base"].keys() == row["ratio_to_base"].keys()
+            for count, ratio in row["decode_ratio_to_base"].items():
+                assert ratio == pytest.approx(row["decode_tok_s"][count] / reference["decode_tok_s"][count], abs=2e-3)
 
     # vLLM's own benchmark on the same engine, and our base row's ratio to it
     assert bench["command"].startswith("vllm bench serve --backend vllm")

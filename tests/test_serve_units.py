@@ -241,6 +241,7 @@ def test_command_and_environment(tmp_path):
     assert env["VLLM_CPU_KVCACHE_SPACE"] == "2"  # vLLM reads whole GiB
     assert env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True"
     assert env["VLLM_CACHE_ROOT"] == str(cache_dir() / "vllm")  # compile caches persist in the workspace
+    assert env["TRITON_CACHE_DIR"] == str(cache_dir() / "triton")  # and Triton's kernels
     assert env["VLLM_WORKER_MULTIPROC_METHOD"] == "fork"  # the EngineCore does not import vLLM a second time
     assert env["VLLM_ENABLE_STARTUP_PLAN"] == "1"  # a warm start reuses the profiled KV cache size
 

@@ -93,7 +93,10 @@ PY
     vllm)  # unpack vLLM from the stashed parts; later stages (serve) import it from /tmp/site
       cat /tmp/parts/vllm.tar.xz.part* > /tmp/vllm.tar.xz && cp /tmp/parts/deps.tar.xz /tmp/ \
         && (cd /tmp && sha256sum -c /tmp/parts/SHA256SUMS) && rm -rf /tmp/site && mkdir -p /tmp/site \
-        && tar -xJf /tmp/vllm.tar.xz -C /tmp/site && tar -xJf /tmp/deps.tar.xz -C /tmp/site
+        && tar -xJf /tmp/vllm.tar.xz -C /tmp/site && tar -xJf /tmp/deps.tar.xz -C /tmp/site \
+        && python3 -m compileall -q -j 0 /tmp/site > /dev/null
+      # compileall: the bytecode a pip install leaves. The image sets PYTHONDONTWRITEBYTECODE, so without it every
+      # engine start compiled vLLM's modules from source (bench/README, eighth session: the warm starts with it).
       rc=$?
       use_vllm
       python3 -c "import vllm; print('vllm', vllm.__version__)" || rc=1 ;;
