@@ -225,14 +225,17 @@ def engine_metrics(server: ServerClient) -> dict[str, float]:
 def decode_rates(before: dict[str, float], after: dict[str, float], streams: int) -> dict:
     """Issue 12's decode throughput: `streams` sequences decoding together, each at vLLM's mean time per output token
     over the batch's requests (their first token, which waits for the prefill, excluded); and the mean TTFT."""
+    def delta(series: str) -> float:
+        return after.get(series, 0.0) - before.get(series, 0.0)
+
     def mean(metric: str) -> float | None:
-        count = after.get(f"{metric}_count", 0.0) - before.get(f"{metric}_count", 0.0)
-        return (after[f"{metric}_sum"] - before.get(f"{metric}_sum", 0.0)) / count if count > 0 else None
+        count = delta(f"{metric}_count")
+        return delta(f"{metric}_sum") / count if count > 0 else None
 
     tpot, ttft = mean(TPOT_METRIC), mean(TTFT_METRIC)
-    timed = after.get(f"{TPOT_METRIC}_count", 0.0) - before.get(f"{TPOT_METRIC}_count", 0.0)
     return {"tpot_ms": _round(tpot * 1000 if tpot else None, 2), "ttft_mean_s": _round(ttft),
-            "decode_tok_s": _round(streams / tpot if tpot else None, 1), "timed_requests": int(timed)}
+            "decode_tok_s": _round(streams / tpot if tpot else None, 1),
+            "timed_requests": int(delta(f"{TPOT_METRIC}_count"))}
 
 
 def requests_for(streams: int, args: argparse.Namespace) -> int:
