@@ -192,7 +192,7 @@ def throughput(engine: Engine, model: str, streams: int, requests: int, prompt_t
         usage = engine.complete(model, prompt, output_tokens, ignore_eos=True)["usage"]
         return time.perf_counter() - t, usage["prompt_tokens"], usage["completion_tokens"]
 
-    server = ServerClient(engine.info.base_url, engine.api_key)
+    server = engine_server(engine)
     before = engine_metrics(server)
     t0 = time.perf_counter()
     with ThreadPoolExecutor(streams) as pool:
@@ -204,6 +204,11 @@ def throughput(engine: Engine, model: str, streams: int, requests: int, prompt_t
             "out_tok_s": round(tokens_out / wall, 1), "total_tok_s": round((tokens_in + tokens_out) / wall, 1),
             "p50_s": round(statistics.median(latencies), 3), "max_s": round(max(latencies), 3),
             **decode_rates(before, engine_metrics(server), streams)}
+
+
+def engine_server(engine: Engine) -> ServerClient:
+    """The engine's HTTP endpoints that Engine has no method for (its metrics, its profiler)."""
+    return ServerClient(engine.info.base_url, engine.api_key)
 
 
 # vLLM's per-request histograms (server side, no client overhead): the time from a request's first token to its
@@ -354,7 +359,7 @@ def profile_flags() -> list[str]:
 def profile_decode(engine: Engine, model: str, stage: str, args: argparse.Namespace) -> str:
     """One more batch at the largest stream count under vLLM's profiler (uncounted): vLLM's table of the engine's
     operators and kernels by self CUDA time lands in --out as profile_<stage>.txt, whose name is returned."""
-    server, streams = ServerClient(engine.info.base_url, engine.api_key), max(args.streams)
+    server, streams = engine_server(engine), max(args.streams)
     shutil.rmtree(PROFILER_DIR, ignore_errors=True)  # the last row's traces
     PROFILER_DIR.mkdir(parents=True)
     server.request("POST", "/start_profile", None, "starting vLLM's profiler")
@@ -867,16 +872,15 @@ def markdown(rows: list[dict], meta: dict) -> str:
         if any(got.values()):
             tput.append(f"| {r['stage']} | " + " | ".join(f"{_cell(got.get(c))} | {_cell(ratios.get(c))}"
                                                           for c in counts) + " |")
-    decode = ["", "Decode tokens/s (c / vLLM's mean time per output token, the first token excluded) and the ratio to "
-              "the base row's.", "",
-              "| stage | " + " | ".join(f"{c} streams | ratio" for c in counts) + " |",
-              "|---|" + "---|---|" * len(counts)]
-    decode += [f"| {r['stage']} | " + " | ".join(f"{_cell(r['decode_tok_s'].get(c))} | "
-                                                 f"{_cell((r.get('decode_ratio_to_base') or {}).get(c))}"
-                                                 for c in counts) + " |" for r in rows if r.get("decode_tok_s")]
+    decode = [f"| {r['stage']} | " + " | ".join(f"{_cell(r['decode_tok_s'].get(c))} | "
+                                                f"{_cell((r.get('decode_ratio_to_base') or {}).get(c))}"
+                                                for c in counts) + " |" for r in rows if r.get("decode_tok_s")]
+    if decode:
+        decode = ["", "Decode tokens/s (c / vLLM's mean time per output token, the first token excluded) and the "
+                  "ratio to the base row's.", "", "| stage | " + " | ".join(f"{c} streams | ratio" for c in counts)
+                  + " |", "|---|" + "---|---|" * len(counts), *decode]
     notes = [f"- {r['stage']}: {text}" for r in rows for text in _notes(r)]
-    return (head + "\n".join(lines + tput + (decode if len(decode) > 5 else [])) + "\n"
-            + ("\n" + "\n".join(notes) + "\n" if notes else ""))
+    return head + "\n".join(lines + tput + decode) + "\n" + ("\n" + "\n".join(notes) + "\n" if notes else "")
 
 
 def _notes(row: dict) -> list[str]:

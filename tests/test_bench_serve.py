@@ -139,6 +139,8 @@ def test_smoke_measures_every_stage(tmp_path):
     table = (out / "bench_serve.md").read_text()
     assert table.count("| ok |") == len(STAGES) and table in proc.stdout
     assert "| hf | - | - | " + f"{hf['hf_out_tok_s']} | {hf['engine_to_hf']} |" in table
+    decode = base["decode_tok_s"]
+    assert f"| base | {decode['1']} | - | {decode['4']} | - |" in table.split("Decode tokens/s")[1]
 
 
 def test_profile_keeps_the_engines_kernel_table(tmp_path):

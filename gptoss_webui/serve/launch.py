@@ -42,7 +42,7 @@ def build_command(info: EngineInfo, config: ServeConfig) -> list[str]:
         cmd += ["--cudagraph-capture-sizes", *map(str, graph_sizes(config.max_concurrency))]
     if info.model_type == "gpt_oss":
         cmd += ["--reasoning-parser", "openai_gptoss"]
-    user_flags = {vllm_flag(arg) for arg in config.extra_args}
+    user_flags = {vllm_flag(arg) for arg in config.extra_args if arg.startswith("--")}
     if not cpu and is_mxfp4_config(plan.model_config(info.model)) and "--moe-backend" not in user_flags:
         # vLLM 0.26 picks MARLIN for MXFP4 experts with LoRA on and TRITON with it off; on an H200, TRITON decoded the
         # 20b at 0.38-0.41x MARLIN's speed at 32 and 64 requests (bench/README.md, 2026-12-01, sixth session).
