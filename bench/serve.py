@@ -82,6 +82,7 @@ from importlib import metadata
 from pathlib import Path
 
 from gptoss_webui.config import ServeConfig
+from gptoss_webui.paths import cache_dir
 from gptoss_webui.serve import plan
 from gptoss_webui.serve.chat import ChatClient, ChatError, SamplingParams
 from gptoss_webui.serve.client import ServerClient
@@ -629,11 +630,21 @@ def engine_arg_flags(args: argparse.Namespace) -> list[str]:
     return flags
 
 
+def engine_env_items(args: argparse.Namespace) -> list[str]:
+    """--engine-env, and with --sample-stacks the sampler on the engine's PYTHONPATH (its sitecustomize)."""
+    items = list(args.engine_env)
+    if getattr(args, "sample_stacks", False):
+        sampler = ROOT / "bench" / "gpu" / "stacks"
+        items += [f"GPTOSS_STACKS_DIR={args.out / 'stacks'}",
+                  "PYTHONPATH=" + os.pathsep.join(p for p in (str(sampler), os.environ.get("PYTHONPATH")) if p)]
+    return items
+
+
 @contextlib.contextmanager
 def engine_env(args: argparse.Namespace) -> Iterator[None]:
-    """--engine-env for one Engine.start: the engine inherits this process's environment."""
+    """--engine-env (and --sample-stacks) for one Engine.start: the engine inherits this process's environment."""
     saved_env: dict[str, str | None] = {}
-    for item in args.engine_env:
+    for item in engine_env_items(args):
         key, _, value = item.partition("=")
         saved_env[key] = os.environ.get(key)
         os.environ[key] = value
@@ -645,6 +656,36 @@ def engine_env(args: argparse.Namespace) -> Iterator[None]:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+def cache_roots() -> list[Path]:
+    """Where an engine start may write compiled code: the two caches serve/launch.py keeps in the workspace (unless
+    the environment names others), Triton's and Inductor's defaults, and the home cache."""
+    home = Path.home()
+    roots = [Path(os.environ.get("VLLM_CACHE_ROOT") or cache_dir() / "vllm"),
+             Path(os.environ.get("TRITON_CACHE_DIR") or cache_dir() / "triton"),
+             home / ".triton", home / ".cache", *Path(tempfile.gettempdir()).glob("torchinductor_*")]
+    return list(dict.fromkeys(roots))
+
+
+def cache_writes(since: float, depth: int = 4, top: int = 15) -> dict[str, list[float]]:
+    """Files written (modified) since `since` under cache_roots(), by folder `depth` levels below a root:
+    {folder: [files, MiB]}, the largest `top`. A warm start that compiles nothing writes (almost) nothing."""
+    found: dict[str, list[float]] = {}
+    for root in cache_roots():
+        for path in root.rglob("*") if root.is_dir() else ():
+            try:
+                stat = path.stat()
+            except OSError:
+                continue
+            if not path.is_file() or stat.st_mtime < since:
+                continue
+            rel = path.relative_to(root).parts[:-1][:depth]
+            entry = found.setdefault(str(root.joinpath(*rel)), [0, 0.0])
+            entry[0] += 1
+            entry[1] += stat.st_size / 2**20
+    largest = sorted(found.items(), key=lambda kv: (-kv[1][0], kv[0]))[:top]
+    return {folder: [n, round(mib, 2)] for folder, (n, mib) in largest}
 
 
 def _engine_log(engine: Engine) -> list[str]:
@@ -740,6 +781,7 @@ def run_session(session: Session, args: argparse.Namespace, state_dir: Path, ctx
                 first["start_s"] = start
             first.update(lora_enabled=info.lora_enabled, notes=info.notes + said)
             first["backends"] = engine_backends(engine)
+            first["cache_writes"] = cache_writes(info.started_at)
             if args.engine_arg:
                 first["engine_args"] = engine_args_applied(engine, args)
         except Exception as exc:  # no row of this session can run
@@ -944,6 +986,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="an environment variable for the engine; repeatable")
     parser.add_argument("--profile", action="store_true", help="each served row: one more batch at the largest "
                         "stream count under vLLM's torch profiler; its kernel table in --out as profile_<stage>.txt")
+    parser.add_argument("--sample-stacks", action="store_true", help="the engine's processes sample their stacks "
+                        "into --out/stacks (bench/gpu/stacks; python -m bench.stacks sums them up)")
     parser.add_argument("--previous", type=Path, help="bench_serve.json of an earlier run on this host: its base row "
                         "is the reference where this run has none (warm's start_s, ratios)")
     args = parser.parse_args(argv)

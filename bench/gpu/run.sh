@@ -120,8 +120,11 @@ PY
       serve_bench plain --stages plain,vllm_bench --previous /tmp/serve/cold/bench_serve.json ;;
     serve-moe:*)  # serve-moe:BACKEND: base and the attention + experts adapter with vLLM's --moe-backend BACKEND
       serve_bench "moe-${stage#serve-moe:}" --stages base,hotload_experts --engine-arg "moe-backend=${stage#serve-moe:}" ;;
-    serve)  # bench/serve.py with SERVE_ARGS only (e.g. --adapter "$RUNS/e2e/adapter" --stages base,hotload_experts)
-      serve_bench serve ;;
+    serve | serve:*)  # bench/serve.py with SERVE_ARGS only (e.g. --adapter "$RUNS/e2e/adapter" --stages
+      # base,hotload_experts), into /tmp/serve/serve; serve:NAME into /tmp/serve/NAME, with SERVE_ARGS_NAME added
+      name=${stage#serve:}; extra=SERVE_ARGS_$name
+      # shellcheck disable=SC2086  # several arguments
+      serve_bench "$name" ${!extra:-} ;;
     bench:*)
       IFS=: read -r _ grid only <<< "$stage"  # bench:GRID or bench:GRID:INDEX (that row, in its own process)
       budget=$((DEADLINE - $(date +%s) - ${ROW_S:-60}))  # no new row once a slow one could overrun
