@@ -52,6 +52,9 @@ Smoke: vLLM's CPU build cannot run LoRA on gpt-oss (plan.lora_support), so base,
 demo:tiny-dense (its "experts" adapter is a stand-in: LoRA on attention + the MLP projections, since a dense model
 has no experts), and merge/merged demo:tiny-gpt-oss-mxfp4 (MXFP4 experts, as the released checkpoints) with an
 attention + experts adapter. Adapters get random lora_B (peft's lora_B = 0 would change nothing).
+--sample-stacks: the engine's processes sample their stacks into DIR/stacks (bench/gpu/stacks; python -m bench.stacks).
+The first row of each engine keeps cache_writes: what its start wrote into the compile caches, by folder (a warm
+start that compiles nothing writes only the compiled graph's artifacts, unpacked again).
 --profile runs one more batch per served row, at the largest stream count, under vLLM's torch profiler: the table
 of the engine's operators and kernels (by self CUDA time on a GPU) goes to DIR/profile_<stage>.txt.
 DIR gets bench_serve.json (rewritten after every row), bench_serve.md, engine_<session>.log, merge.log,
@@ -729,6 +732,13 @@ def serve_config(session: Session, args: argparse.Namespace, left_s: Callable[[]
                        start_timeout_s=min(600, left_s() - RESERVE_S))
 
 
+def quickest_start_s(rows: list[dict]) -> float:
+    """The quickest engine start among `rows` (a warm one where a row has it), 0 if none: a run that follows another
+    on the host (--previous) plans its first start with it, so that a merge cannot leave it too little time."""
+    starts = [r.get("start_warm_s") or r.get("start_s") for r in rows if r.get("status") == "ok"]
+    return min((s for s in starts if s), default=0.0)
+
+
 def run_session(session: Session, args: argparse.Namespace, state_dir: Path, ctx: Context,
                 start_estimate_s: float, record: Callable[[dict], None]) -> float | None:
     """Start one engine (unless the session only merges), measure its rows, stop it. Returns the engine start time
@@ -1058,7 +1068,7 @@ def main(argv: list[str] | None = None) -> int:
                     Session("merged", ("merge", "merged"), merge_model, {"merge": experts, "merged": experts}),
                     Session("merged_attn", ("merge_attn", "merged_attn"), attn_merge_model,
                             {"merge_attn": merge_attn, "merged_attn": merge_attn})]
-        start_estimate_s = 0.0
+        start_estimate_s = quickest_start_s(previous)
         for session in sessions:
             todo = tuple(s for s in session.stages if s in want and (s != "vllm_bench" or session.name == bench_on))
             if todo:

@@ -1,8 +1,8 @@
 """Sums up the stack samples of bench/gpu/stacks/sitecustomize.py (bench.serve --sample-stacks): per process, the
 frames found in the most samples (inclusive: a frame counts once a sample, wherever in the stack), and a timeline of
-the innermost frames, a line per --bucket-s.
+the innermost frames, a line per --bucket-s; with --match TEXT, the time in samples whose stack holds TEXT.
 
-    python -m bench.stacks DIR [--since UNIX_TIME] [--until UNIX_TIME] [--top 25] [--bucket-s 2]
+    python -m bench.stacks DIR [--since UNIX_TIME] [--until UNIX_TIME] [--top 25] [--bucket-s 2] [--match TEXT ...]
 """
 
 from __future__ import annotations
@@ -25,11 +25,16 @@ def read_samples(path: Path, since: float, until: float) -> list[tuple[float, li
     return samples
 
 
-def summary(samples: list[tuple[float, list[str]]], every_s: float, top: int, bucket_s: float) -> list[str]:
+def summary(samples: list[tuple[float, list[str]]], top: int, bucket_s: float, match: list[str]) -> list[str]:
+    """Seconds per frame from the samples' own spacing (a busy process takes fewer than asked)."""
+    every_s = (samples[-1][0] - samples[0][0]) / max(1, len(samples) - 1)
     inclusive: Counter[str] = Counter()
     for _, frames in samples:
         inclusive.update({f.rsplit(":", 1)[0] for f in frames})  # function, any line
     lines = [f"{n * every_s:7.1f} s  {frame}" for frame, n in inclusive.most_common(top)]
+    for text in match:
+        n = sum(any(text in f for f in frames) for _, frames in samples)
+        lines.append(f"{n * every_s:7.1f} s  in samples holding {text!r}")
     lines.append("timeline (bucket start, samples, the innermost 3 frames seen most):")
     t0 = samples[0][0]
     buckets: dict[int, Counter[str]] = {}
@@ -48,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--until", type=float, default=float("inf"))
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--bucket-s", type=float, default=2.0)
-    parser.add_argument("--every-s", type=float, default=0.2, help="the sampling interval the run used")
+    parser.add_argument("--match", action="append", default=[], help="a frame's text, e.g. compiler.py:compile")
     args = parser.parse_args(argv)
     for path in sorted(args.folder.glob("stacks-*.txt")):
         samples = read_samples(path, args.since, args.until)
@@ -56,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         span = samples[-1][0] - samples[0][0]
         print(f"== {path.name}: {len(samples)} samples over {span:.1f} s")
-        print("\n".join(summary(samples, args.every_s, args.top, args.bucket_s)))
+        print("\n".join(summary(samples, args.top, args.bucket_s, args.match)))
     return 0
 
 

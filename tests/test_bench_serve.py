@@ -24,6 +24,7 @@ from bench.serve import (
     main,
     make_adapter,
     percentile,
+    quickest_start_s,
     run_session,
 )
 
@@ -173,6 +174,23 @@ def test_a_failing_merge_is_recorded_not_raised(tmp_path):
     assert started is None and [r["stage"] for r in rows] == ["merge", "merged"]
     assert rows[0]["status"].startswith("error: ") and "not a LoRA adapter folder" in rows[0]["status"]
     assert rows[1]["status"] == "error: no merged model (the merge row failed)"
+
+
+def test_a_run_after_another_keeps_time_for_its_engine_start(tmp_path):
+    """--previous's quickest start (a warm one) is what the first start of the next run plans with: a merge that would
+    leave the merged engine less than that is skipped, not run into a start that cannot finish (2026-12-01: 3 s)."""
+    previous = [{"stage": "base", "status": "ok", "start_s": 156.5},
+                {"stage": "warm", "status": "ok", "start_s": 151.6, "start_warm_s": 53.1},
+                {"stage": "merged", "status": "error: EngineError", "start_s": None}]
+    assert quickest_start_s(previous) == 53.1 and quickest_start_s([]) == 0.0
+    rows = []
+    adapter = str(tmp_path / "adapter")
+    session = Session("merged", ("merge", "merged"), "demo:tiny-gpt-oss", {"merge": adapter, "merged": adapter})
+    args = argparse.Namespace(out=tmp_path, row_s=0.0, engine_arg=[], engine_env=[])
+    ctx = Context(lambda: 100.0, rows, previous, "demo:tiny-dense", "demo:tiny-gpt-oss", adapter)
+    assert run_session(session, args, tmp_path, ctx, quickest_start_s(previous), rows.append) is None
+    assert [(r["stage"], r["status"]) for r in rows] == [("merge", "skipped (time budget)"),
+                                                         ("merged", "skipped (time budget)")]
 
 
 def test_engine_args_are_read_back_from_vllms_log(tmp_path):

@@ -46,9 +46,11 @@ def test_the_sampler_follows_a_forked_child(tmp_path, capsys):
     innermost = {path.name: {frames[0] for _, frames in read_samples(path, 0, float("inf"))} for path in files}
     seen = " ".join(" ".join(frames) for frames in innermost.values())
     assert "busy_parent" in seen and "busy_child" in seen
-    assert stacks_main([str(tmp_path), "--every-s", "0.05"]) == 0
+    assert stacks_main([str(tmp_path), "--match", "busy_child"]) == 0
     out = capsys.readouterr().out
     assert out.count("== stacks-") == 2 and "<string>:busy_child" in out and "timeline" in out
+    child_s = [float(line.split()[0]) for line in out.splitlines() if line.endswith("holding 'busy_child'")]
+    assert len(child_s) == 2 and min(child_s) == 0.0 and 0.3 < max(child_s) < 1.0  # the child slept 0.6 s
 
 
 def test_cache_writes_counts_only_what_a_start_wrote(tmp_path, monkeypatch):

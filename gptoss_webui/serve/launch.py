@@ -78,9 +78,9 @@ def build_env(info: EngineInfo, config: ServeConfig) -> dict[str, str]:
     # torch.compile artefacts and the start-up plan persist in the workspace (the /data volume in Docker),
     # so the next start of the same engine skips them.
     env.setdefault("VLLM_CACHE_ROOT", str(cache_dir() / "vllm"))
-    # So do Triton's kernels (vLLM's LoRA and MoE kernels), compiled on first use of each shape: at the first adapter
-    # requests on a new H200 host, vLLM's JIT monitor logged three compiles. Triton's default is the home folder,
-    # which a new container does not keep.
+    # So do Triton's kernels (vLLM's LoRA and MoE kernels, Inductor's), compiled on first use of each shape. Triton's
+    # default is the home folder, which a new container does not keep; on an H200 a warm start that found them took
+    # 53.1 s, one that compiled them again 75.1 s (bench/README.md, ninth session).
     env.setdefault("TRITON_CACHE_DIR", str(cache_dir() / "triton"))
     # The start-up plan: the KV cache size the first start profiled, kept under VLLM_CACHE_ROOT and reused by later
     # starts of the same config on the same card (vLLM re-profiles when anything differs, or when less memory is

@@ -29,17 +29,19 @@ if TYPE_CHECKING:
 AdapterMode = Literal["auto", "hotload", "merge"]
 Served = Literal["hotload", "merge"]
 
-# Output tokens/s on one H200, vLLM 0.26, the random-weight MXFP4 20b, requests of 128 + 128 tokens, an r=8 adapter
-# on attention and the experts of layers 7/15/23 (bench/README.md, 2026-12-01, fifth session):
-#   concurrent requests        1      16      32      64
-#   hot-loaded               213   1,315   3,307   4,860
-#   merged (bf16 experts)    296   1,516   2,633   4,206
+# Decode tokens/s (vLLM's own time per output token, the first excluded) on one H200, vLLM 0.26, the random-weight
+# MXFP4 20b, requests of 128 + 128 tokens, an r=8 adapter on attention and the experts of layers 7/15/23, one host
+# (bench/README.md, 2026-12-01, ninth session):
+#   concurrent requests        1      16      64
+#   hot-loaded               246   2,198   6,909
+#   merged (bf16 experts)    321   1,626   4,418
 # Merged, an MXFP4 model's experts are stored in bf16 (vLLM 0.26 quantizes every MoE layer of the model alike, so the
 # layers the adapter leaves alone cannot stay MXFP4) and run vLLM's unquantized MoE kernels: faster than hot-loaded
-# LoRA at few requests, slower from 32 on.
-MXFP4_HOTLOAD_FROM = 32
-MXFP4_MERGED_AT_1 = round(296 / 213, 2)  # the merged model over hot-loaded LoRA, 1 request
-MXFP4_MERGED_AT_64 = round(4206 / 4860, 2)  # the same at 64
+# LoRA for one request, slower at 16 and 64. Between 1 and 16 it was not measured; there `auto` hot-loads, which costs
+# no 39 GiB copy and no merge, and keeps Chat's base-vs-adapter compare.
+MXFP4_HOTLOAD_FROM = 2
+MXFP4_MERGED_AT_1 = round(321 / 246, 2)  # the merged model over hot-loaded LoRA, 1 request
+MXFP4_MERGED_AT_16 = round(1626 / 2198, 2)  # the same at 16
 # An adapter on attention alone leaves the experts untouched, so its merge keeps the base's MXFP4 experts and decodes at
 # the base's speed (sixth session, r=8 on q,k,v,o, vLLM's MARLIN MoE kernel in both engines):
 #   concurrent requests        1      16      32      64
@@ -97,7 +99,7 @@ def choose_mode(model: str, model_cfg: dict, adapter_dir: str | Path, requested:
     concurrency = config.max_concurrency
     if is_mxfp4_config(model_cfg):
         if concurrency >= MXFP4_HOTLOAD_FROM:
-            return "hotload", say("serving.policy.mxfp4_hotload", ratio=MXFP4_MERGED_AT_64, concurrency=concurrency,
+            return "hotload", say("serving.policy.mxfp4_hotload", ratio=MXFP4_MERGED_AT_16, concurrency=concurrency,
                                   hotload_from=MXFP4_HOTLOAD_FROM)
         pays = say("serving.policy.mxfp4_merge_pays", ratio=MXFP4_MERGED_AT_1, concurrency=concurrency,
                    hotload_from=MXFP4_HOTLOAD_FROM)
