@@ -673,7 +673,8 @@ def cache_roots() -> list[Path]:
 
 def cache_writes(since: float, depth: int = 4, top: int = 15) -> dict[str, list[float]]:
     """Files written (modified) since `since` under cache_roots(), by folder `depth` levels below a root:
-    {folder: [files, MiB]}, the largest `top`. A warm start that compiles nothing writes (almost) nothing."""
+    {folder: [files, MiB]}, the `top` with the most files, and "all": every file. A warm start that compiles nothing
+    writes (almost) nothing."""
     found: dict[str, list[float]] = {}
     for root in cache_roots():
         for path in root.rglob("*") if root.is_dir() else ():
@@ -688,7 +689,8 @@ def cache_writes(since: float, depth: int = 4, top: int = 15) -> dict[str, list[
             entry[0] += 1
             entry[1] += stat.st_size / 2**20
     largest = sorted(found.items(), key=lambda kv: (-kv[1][0], kv[0]))[:top]
-    return {folder: [n, round(mib, 2)] for folder, (n, mib) in largest}
+    every = [sum(n for n, _ in found.values()), sum(mib for _, mib in found.values())]
+    return {folder: [n, round(mib, 2)] for folder, (n, mib) in [*largest, ("all", every)]}
 
 
 def _engine_log(engine: Engine) -> list[str]:

@@ -71,4 +71,5 @@ def test_cache_writes_counts_only_what_a_start_wrote(tmp_path, monkeypatch):
     (vllm_root / "startup_plan").mkdir()
     (vllm_root / "startup_plan" / "plan.json").write_text("{}")
     written = cache_writes(since)
-    assert written == {str(triton_root / "HASH1"): [2, 1.0], str(vllm_root / "startup_plan"): [1, 0.0]}
+    assert written == {str(triton_root / "HASH1"): [2, 1.0], str(vllm_root / "startup_plan"): [1, 0.0], "all": [3, 1.0]}
+    assert cache_writes(since, top=1) == {str(triton_root / "HASH1"): [2, 1.0], "all": [3, 1.0]}
