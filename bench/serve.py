@@ -85,11 +85,11 @@ from importlib import metadata
 from pathlib import Path
 
 from gptoss_webui.config import ServeConfig
-from gptoss_webui.paths import cache_dir
 from gptoss_webui.serve import plan
 from gptoss_webui.serve.chat import ChatClient, ChatError, SamplingParams
 from gptoss_webui.serve.client import ServerClient
 from gptoss_webui.serve.engine import Engine, EngineError
+from gptoss_webui.serve.launch import engine_caches
 from gptoss_webui.serve.merge import merge_in_subprocess
 from gptoss_webui.sources import resolve_model
 
@@ -636,7 +636,7 @@ def engine_arg_flags(args: argparse.Namespace) -> list[str]:
 def engine_env_items(args: argparse.Namespace) -> list[str]:
     """--engine-env, and with --sample-stacks the sampler on the engine's PYTHONPATH (its sitecustomize)."""
     items = list(args.engine_env)
-    if getattr(args, "sample_stacks", False):
+    if args.sample_stacks:
         sampler = ROOT / "bench" / "gpu" / "stacks"
         items += [f"GPTOSS_STACKS_DIR={args.out / 'stacks'}",
                   "PYTHONPATH=" + os.pathsep.join(p for p in (str(sampler), os.environ.get("PYTHONPATH")) if p)]
@@ -662,12 +662,11 @@ def engine_env(args: argparse.Namespace) -> Iterator[None]:
 
 
 def cache_roots() -> list[Path]:
-    """Where an engine start may write compiled code: the two caches serve/launch.py keeps in the workspace (unless
-    the environment names others), Triton's and Inductor's defaults, and the home cache."""
+    """Where an engine start may write compiled code: the caches serve/launch.py gives the engine, Triton's and
+    Inductor's defaults, and the home cache."""
     home = Path.home()
-    roots = [Path(os.environ.get("VLLM_CACHE_ROOT") or cache_dir() / "vllm"),
-             Path(os.environ.get("TRITON_CACHE_DIR") or cache_dir() / "triton"),
-             home / ".triton", home / ".cache", *Path(tempfile.gettempdir()).glob("torchinductor_*")]
+    roots = [*map(Path, engine_caches().values()), home / ".triton", home / ".cache",
+             *Path(tempfile.gettempdir()).glob("torchinductor_*")]
     return list(dict.fromkeys(roots))
 
 

@@ -168,7 +168,7 @@ def test_a_failing_merge_is_recorded_not_raised(tmp_path):
     rows = []
     missing = str(tmp_path / "no-adapter")
     session = Session("merged", ("merge", "merged"), "demo:tiny-gpt-oss", {"merge": missing, "merged": missing})
-    args = argparse.Namespace(out=tmp_path, row_s=0.0, engine_arg=[], engine_env=[])
+    args = argparse.Namespace(out=tmp_path, row_s=0.0, engine_arg=[], engine_env=[], sample_stacks=False)
     ctx = Context(lambda: math.inf, rows, [], "demo:tiny-dense", "demo:tiny-gpt-oss", missing)
     started = run_session(session, args, tmp_path, ctx, 0.0, rows.append)
     assert started is None and [r["stage"] for r in rows] == ["merge", "merged"]
@@ -186,7 +186,7 @@ def test_a_run_after_another_keeps_time_for_its_engine_start(tmp_path):
     rows = []
     adapter = str(tmp_path / "adapter")
     session = Session("merged", ("merge", "merged"), "demo:tiny-gpt-oss", {"merge": adapter, "merged": adapter})
-    args = argparse.Namespace(out=tmp_path, row_s=0.0, engine_arg=[], engine_env=[])
+    args = argparse.Namespace(out=tmp_path, row_s=0.0, engine_arg=[], engine_env=[], sample_stacks=False)
     ctx = Context(lambda: 100.0, rows, previous, "demo:tiny-dense", "demo:tiny-gpt-oss", adapter)
     assert run_session(session, args, tmp_path, ctx, quickest_start_s(previous), rows.append) is None
     assert [(r["stage"], r["status"]) for r in rows] == [("merge", "skipped (time budget)"),

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import os
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 import psutil
@@ -71,17 +72,22 @@ def graph_sizes(concurrency: int) -> list[int]:
     return [*sizes, concurrency]
 
 
+def engine_caches(environ: Mapping[str, str] = os.environ) -> dict[str, str]:
+    """Where the engine keeps what it compiles, unless `environ` names other folders: in the workspace (the /data
+    volume in Docker), so that the next start of the same engine skips the work.
+    - VLLM_CACHE_ROOT: torch.compile's artefacts and the start-up plan;
+    - TRITON_CACHE_DIR: Triton's kernels (vLLM's LoRA and MoE kernels, Inductor's), compiled on first use of each
+      shape. Triton's default is the home folder, which a new container does not keep; on an H200 a warm start that
+      found them took 53.1 s, one that compiled them again 75.1 s (bench/README.md, ninth session)."""
+    return {key: environ.get(key, str(cache_dir() / folder))
+            for key, folder in (("VLLM_CACHE_ROOT", "vllm"), ("TRITON_CACHE_DIR", "triton"))}
+
+
 def build_env(info: EngineInfo, config: ServeConfig) -> dict[str, str]:
     env = dict(os.environ)
     env.update(PYTHONUNBUFFERED="1", VLLM_NO_USAGE_STATS="1", DO_NOT_TRACK="1",
                TOKENIZERS_PARALLELISM="false")
-    # torch.compile artefacts and the start-up plan persist in the workspace (the /data volume in Docker),
-    # so the next start of the same engine skips them.
-    env.setdefault("VLLM_CACHE_ROOT", str(cache_dir() / "vllm"))
-    # So do Triton's kernels (vLLM's LoRA and MoE kernels, Inductor's), compiled on first use of each shape. Triton's
-    # default is the home folder, which a new container does not keep; on an H200 a warm start that found them took
-    # 53.1 s, one that compiled them again 75.1 s (bench/README.md, ninth session).
-    env.setdefault("TRITON_CACHE_DIR", str(cache_dir() / "triton"))
+    env.update(engine_caches(env))
     # The start-up plan: the KV cache size the first start profiled, kept under VLLM_CACHE_ROOT and reused by later
     # starts of the same config on the same card (vLLM re-profiles when anything differs, or when less memory is
     # free). Off in vLLM by default; a warm start then skips the memory profiling and its CUDA graph memory estimate.
