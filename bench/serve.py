@@ -700,8 +700,10 @@ def _engine_log(engine: Engine) -> list[str]:
 
 
 def engine_backends(engine: Engine) -> list[str]:
-    """vLLM's own 'Using ... backend' lines (attention, MoE, MoE LoRA), once each."""
-    found = [ln.split("] ", 1)[-1].strip() for ln in _engine_log(engine) if re.search(r"Using .*backend", ln)]
+    """vLLM's own 'Using ... backend' lines (attention, MoE, MoE LoRA) and which LoRA kernel configs it took (tuned
+    from a file, or its defaults), once each."""
+    found = [ln.split("] ", 1)[-1].strip() for ln in _engine_log(engine)
+             if re.search(r"Using .*backend|LoRA kernel configs", ln)]
     return list(dict.fromkeys(found))[:8]
 
 

@@ -161,6 +161,7 @@ VLLM_FLAGS_SET_HERE = {
     "--enforce-eager": "serve.enforce_eager", "--cudagraph-capture-sizes": "serve.max_concurrency",
     "--reasoning-parser": "serve.model", "--enable-lora": "serve.adapters", "--max-loras": "serve.max_loras",
     "--max-lora-rank": "serve.max_lora_rank", "--compilation-config.cudagraph-specialize-lora": "serve.base_graphs",
+    "--lora-target-modules": "serve.model",
 }
 
 

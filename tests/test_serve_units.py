@@ -8,6 +8,7 @@ import json
 import shutil
 import threading
 import time
+from pathlib import Path
 
 import pytest
 from serve_fixtures import cpu_serve_config, make_adapter
@@ -302,6 +303,26 @@ def test_mxfp4_experts_run_marlin_unless_told_otherwise(tmp_path, monkeypatch):
     monkeypatch.setattr(launch.plan, "engine_is_cpu", lambda: True)  # (refused before a start: no MXFP4 kernel)
     (tmp_path / "config.json").write_text(json.dumps({"quantization_config": {"quant_method": "mxfp4"}}))
     assert "--moe-backend" not in build_command(info, ServeConfig(model="m"))
+
+
+def test_gpt_oss_lora_covers_what_an_adapter_can_adapt_with_its_tuned_kernels(monkeypatch):
+    """A gpt-oss LoRA engine wraps attention and experts only, not the MoE router (no adapter adapts it, yet vLLM
+    would run its LoRA kernels on every token), and reads the LoRA kernel tables shipped for gpt-oss."""
+    import vllm.model_executor.models.gpt_oss as vllm_gpt_oss
+
+    monkeypatch.setattr(launch.plan, "engine_is_cpu", lambda: False)
+    monkeypatch.delenv("VLLM_TUNED_CONFIG_FOLDER", raising=False)
+    oss = EngineInfo(model="/m", served_name="m", port=9000, model_type="gpt_oss", lora_enabled=True)
+    flags = " ".join(build_command(oss, ServeConfig(model="m")))
+    assert "--lora-target-modules qkv_proj o_proj experts" in flags
+    source = Path(vllm_gpt_oss.__file__).read_text()  # the names are vLLM's modules of gpt-oss
+    assert all(f"self.{name} = " in source for name in launch.GPT_OSS_LORA_MODULES) and "self.router = " in source
+    assert build_env(oss, ServeConfig(model="m"))["VLLM_TUNED_CONFIG_FOLDER"] == str(launch.LORA_KERNEL_TABLES)
+    dense = EngineInfo(model="/m", served_name="m", port=9000, model_type="llama", lora_enabled=True)
+    assert "--lora-target-modules" not in build_command(dense, ServeConfig(model="m"))
+    assert "VLLM_TUNED_CONFIG_FOLDER" not in build_env(dense, ServeConfig(model="m"))  # other slice counts
+    monkeypatch.setenv("VLLM_TUNED_CONFIG_FOLDER", "/mine")
+    assert build_env(oss, ServeConfig(model="m"))["VLLM_TUNED_CONFIG_FOLDER"] == "/mine"
 
 
 def test_extra_vllm_args_go_last_and_never_repeat_a_flag_set_here(monkeypatch):

@@ -108,6 +108,15 @@ PY
       python3 -m compileall -q -j 0 "$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" \
         > /dev/null 2>&1
       rc=0 ;;
+    lora-kernels)  # vLLM's LoRA shrink/expand kernels tuned for the attention of $CKPT into /tmp/lora-tuned (kept for
+      # a later serve stage: --engine-env VLLM_TUNED_CONFIG_FOLDER=/tmp/lora-tuned), its table and rows into $OUT
+      use_vllm
+      python3 -m bench.lora_kernels --model "$CKPT" --out /tmp/lora-tuned \
+        --budget-s $((DEADLINE - $(date +%s) - ${LORA_KERNELS_RESERVE_S:-30})) ${LORA_KERNELS_ARGS:-} \
+        > "$OUT/lora_kernels.log" 2>&1
+      rc=$?
+      cp /tmp/lora-tuned/*.json /tmp/lora-tuned/*.md "$OUT/" 2>/dev/null
+      tail -n 5 "$OUT/lora_kernels.log"; cat /tmp/lora-tuned/lora_kernels.md 2>/dev/null ;;
     serve-prep)  # no vLLM needed: the adapters (attention + experts) and their merge, kept for serve-merged
       serve_bench prep --stages merge ;;
     serve-cold)  # the first engine start on this host: base, both hot-loaded adapters, vllm bench serve, then the same
