@@ -305,24 +305,20 @@ def test_mxfp4_experts_run_marlin_unless_told_otherwise(tmp_path, monkeypatch):
     assert "--moe-backend" not in build_command(info, ServeConfig(model="m"))
 
 
-def test_gpt_oss_lora_covers_what_an_adapter_can_adapt_with_its_tuned_kernels(monkeypatch):
-    """A gpt-oss LoRA engine wraps attention and experts only, not the MoE router (no adapter adapts it, yet vLLM
-    would run its LoRA kernels on every token), and reads the LoRA kernel tables shipped for gpt-oss."""
+def test_gpt_oss_lora_covers_what_an_adapter_can_adapt(monkeypatch):
+    """A gpt-oss LoRA engine wraps attention and experts only, not the MoE router: no adapter adapts it, yet vLLM
+    would run its LoRA kernels on every token."""
     import vllm.model_executor.models.gpt_oss as vllm_gpt_oss
 
     monkeypatch.setattr(launch.plan, "engine_is_cpu", lambda: False)
-    monkeypatch.delenv("VLLM_TUNED_CONFIG_FOLDER", raising=False)
     oss = EngineInfo(model="/m", served_name="m", port=9000, model_type="gpt_oss", lora_enabled=True)
-    flags = " ".join(build_command(oss, ServeConfig(model="m")))
-    assert "--lora-target-modules qkv_proj o_proj experts" in flags
+    assert "--lora-target-modules qkv_proj o_proj experts" in " ".join(build_command(oss, ServeConfig(model="m")))
     source = Path(vllm_gpt_oss.__file__).read_text()  # the names are vLLM's modules of gpt-oss
     assert all(f"self.{name} = " in source for name in launch.GPT_OSS_LORA_MODULES) and "self.router = " in source
-    assert build_env(oss, ServeConfig(model="m"))["VLLM_TUNED_CONFIG_FOLDER"] == str(launch.LORA_KERNEL_TABLES)
     dense = EngineInfo(model="/m", served_name="m", port=9000, model_type="llama", lora_enabled=True)
     assert "--lora-target-modules" not in build_command(dense, ServeConfig(model="m"))
-    assert "VLLM_TUNED_CONFIG_FOLDER" not in build_env(dense, ServeConfig(model="m"))  # other slice counts
-    monkeypatch.setenv("VLLM_TUNED_CONFIG_FOLDER", "/mine")
-    assert build_env(oss, ServeConfig(model="m"))["VLLM_TUNED_CONFIG_FOLDER"] == "/mine"
+    no_lora = EngineInfo(model="/m", served_name="m", port=9000, model_type="gpt_oss")
+    assert "--lora-target-modules" not in build_command(no_lora, ServeConfig(model="m"))
 
 
 def test_extra_vllm_args_go_last_and_never_repeat_a_flag_set_here(monkeypatch):

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Run HERE (the CPU machine, with network), once: vLLM 0.26.0 for the GPU host, whose image has torch 2.11 /
 # CUDA 13 but no vLLM and no network. The wheel (288 MiB) and the 24 small packages vLLM imports that the image
-# lacks go trimmed and xz-compressed, split into two parts that each fit one device call beside the tree:
-#   .vllm_gpu/a: the first PART_A_BYTES of vllm.tar.xz      .vllm_gpu/b: the rest, deps.tar.xz, SHA256SUMS
+# lacks go trimmed and xz-compressed, split into three parts that each fit one device call beside the tree:
+#   .vllm_gpu/a: the first PART_A_BYTES of vllm.tar.xz   .vllm_gpu/b: the rest   .vllm_gpu/c: deps.tar.xz, SHA256SUMS
+# (b held deps.tar.xz too until the tree grew past what the call beside it could carry, 2026-12-02).
 # Each device call carries one folder; run.sh's `stash` stage keeps the parts in /tmp/parts until `vllm`
 # unpacks them (all calls on the same warm machine). Takes about 6 minutes (xz -9e of about 340 MB).
 set -euo pipefail
@@ -56,7 +57,7 @@ if [ ! -s "$BUILD/deps.tar.xz" ]; then
   rm -rf "$BUILD/deps_tree/mistral_common/data" "$BUILD/deps_tree/pycountry/locales"
   ( cd "$BUILD/deps_tree" && tar -cf - . | xz -9e -T1 > "$BUILD/deps.tar.xz" )
 fi
-rm -rf "$WORK" && mkdir -p "$WORK/a" "$WORK/b"
+rm -rf "$WORK" && mkdir -p "$WORK/a" "$WORK/b" "$WORK/c"
 LIMIT=$((64 * 1024 * 1024))
 SPARE=400000  # bytes each call keeps free: files the tree gains between here and the call
 TREE=$(git ls-files -z | du --files0-from=- -cb | tail -1 | cut -f1)
@@ -66,8 +67,10 @@ PART_A_BYTES=${PART_A_BYTES:-$((LIMIT - TREE - CARRY_BYTES - SPARE))}
 # (about 1.3 MB) each call stays under the 64 MiB a call carries.
 head -c "$PART_A_BYTES" "$BUILD/vllm.tar.xz" > "$WORK/a/vllm.tar.xz.part00"
 tail -c +"$((PART_A_BYTES + 1))" "$BUILD/vllm.tar.xz" > "$WORK/b/vllm.tar.xz.part01"
-cp "$BUILD/deps.tar.xz" "$WORK/b/"
-(cd "$BUILD" && sha256sum vllm.tar.xz deps.tar.xz) > "$WORK/b/SHA256SUMS"
+cp "$BUILD/deps.tar.xz" "$WORK/c/"
+(cd "$BUILD" && sha256sum vllm.tar.xz deps.tar.xz) > "$WORK/c/SHA256SUMS"
 du -sb "$WORK"/*
-b=$(du -sb "$WORK/b" | cut -f1)
-[ "$b" -lt $((LIMIT - TREE - SPARE)) ] || { echo "part b is $b bytes: trim more"; exit 1; }
+for part in b c; do
+  size=$(du -sb "$WORK/$part" | cut -f1)
+  [ "$size" -lt $((LIMIT - TREE - SPARE)) ] || { echo "part $part is $size bytes: trim more"; exit 1; }
+done

@@ -112,7 +112,7 @@ PY
       # a later serve stage: --engine-env VLLM_TUNED_CONFIG_FOLDER=/tmp/lora-tuned), its table and rows into $OUT
       use_vllm
       python3 -m bench.lora_kernels --model "$CKPT" --out /tmp/lora-tuned \
-        --budget-s $((DEADLINE - $(date +%s) - ${LORA_KERNELS_RESERVE_S:-30})) ${LORA_KERNELS_ARGS:-} \
+        --budget-s $((DEADLINE - $(date +%s) - 30)) ${LORA_KERNELS_ARGS:-} \
         > "$OUT/lora_kernels.log" 2>&1
       rc=$?
       cp /tmp/lora-tuned/*.json /tmp/lora-tuned/*.md "$OUT/" 2>/dev/null

@@ -24,11 +24,9 @@ from gptoss_webui.serve.state import EngineError, EngineInfo
 MXFP4_MOE_BACKEND = "marlin"  # vLLM's MoE kernel for MXFP4 experts; serve.extra_args may name another
 # The gpt-oss modules an adapter can adapt, in vLLM's names: attention (peft's q/k/v_proj are vLLM's fused qkv_proj)
 # and the fused experts. Unrestricted, vLLM also wraps the MoE router (HF's router is no nn.Linear, so no peft adapter
-# adapts it) and runs its LoRA kernels on every token of every layer: 48 of the 144 LoRA linear kernels of a step.
+# adapts it) and runs its LoRA kernels on every token of every layer: 48 of a step's 144 LoRA linear kernels. Without
+# them expert LoRA decoded 16 streams at 0.856-0.857x the base instead of 0.832 (H200, bench/README.md, tenth session).
 GPT_OSS_LORA_MODULES = ("qkv_proj", "o_proj", "experts")
-# vLLM's LoRA shrink/expand kernel configs tuned for gpt-oss's attention, a table per GPU model (bench/lora_kernels.py
-# writes them); on a GPU without one vLLM keeps its defaults. gpt-oss only: vLLM fails on a slice count a table lacks.
-LORA_KERNEL_TABLES = Path(__file__).parent / "lora_kernels"
 
 
 def build_command(info: EngineInfo, config: ServeConfig) -> list[str]:
@@ -108,8 +106,6 @@ def build_env(info: EngineInfo, config: ServeConfig) -> dict[str, str]:
     env.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "fork")
     if info.lora_enabled:
         env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
-        if info.model_type == "gpt_oss":
-            env.setdefault("VLLM_TUNED_CONFIG_FOLDER", str(LORA_KERNEL_TABLES))
     if plan.engine_is_cpu():
         # Required on the CPU (else vLLM sizes the cache from memory other programs are using); whole GiB.
         env["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, math.ceil(config.cpu_kv_cache_gib)))
