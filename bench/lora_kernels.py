@@ -118,10 +118,11 @@ class Kernels:
         return dict(self.config) if self.config is not None else self.vllm_lookup(*args, **kwargs)
 
     def default(self, shape: Shape, m: int) -> dict:
-        k, n = shape.table_k_n
-        return self.vllm_lookup(shape.op, max_loras=self.max_loras + 1, batch=m, hidden_size=k if shape.op ==
-                                "shrink" else n, rank=shape.rank, num_slices=shape.slices,
-                                add_inputs=True if shape.op == "expand" else None)
+        """vLLM's built-in config (no VLLM_TUNED_CONFIG_FOLDER), asked as its op asks: shrink by the input size,
+        expand by the widest slice."""
+        hidden = shape.k_in if shape.op == "shrink" else max(shape.outs)
+        return self.vllm_lookup(shape.op, max_loras=self.max_loras + 1, batch=m, hidden_size=hidden, rank=shape.rank,
+                                num_slices=shape.slices, add_inputs=True if shape.op == "expand" else None)
 
     def call(self, shape: Shape, m: int):
         """A no-argument function that runs `shape` at `m` tokens once, as a LoRA engine's forward does."""
