@@ -266,8 +266,8 @@ def report(result: dict) -> str:
     cells: dict[tuple[int, int], dict[str, dict]] = {}
     for row in result["rows"]:
         cells.setdefault((row["rank"], row["tokens"]), {})[f"{row['module']} {row['op']}"] = row
+    names = ("qkv_proj shrink", "qkv_proj expand", "o_proj shrink", "o_proj expand")
     for (rank, m), got in sorted(cells.items()):
-        names = ("qkv_proj shrink", "qkv_proj expand", "o_proj shrink", "o_proj expand")
         shown = [f"{got[n]['default_us']} -> {got[n]['best_us']}" if n in got else "-" for n in names]
         total = (f"{sum(r['default_us'] for r in got.values()):.1f} -> {sum(r['best_us'] for r in got.values()):.1f}"
                  if len(got) == len(names) else "-")
