@@ -29,7 +29,7 @@ def gpt_oss_20b_config(layers: int = 24, experts: int = 32, hidden: int = 2880, 
         max_position_embeddings=131_072, router_aux_loss_coef=0.9, swiglu_limit=7.0,
         rope_parameters={"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
                          "truncate": False, "original_max_position_embeddings": 4096, "rope_theta": 150000.0},
-        pad_token_id=PAD_ID, eos_token_id=EOS_ID, bos_token_id=BOS_ID, use_cache=False,
+        pad_token_id=PAD_ID, eos_token_id=EOS_ID, bos_token_id=BOS_ID, use_cache=True,  # as released
     )
 
 

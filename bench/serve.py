@@ -29,12 +29,13 @@ a row that fails records its error and the run goes on:
   enough that bf16 rounding cannot flip a near-tie.
 - merge_attn, merged_attn: the same for the attention-only adapter. On an MXFP4 base its merge keeps the base's
   MXFP4 experts, so the merged model should decode as fast as the base.
-- hf: after every engine has stopped (GPU memory), in a process of its own: HF transformers `generate` on the
-  checkpoint the engine served (an MXFP4 one is dequantized to bf16 on load by transformers: noted), a batch of
-  --hf-streams random prompts, greedy, the same output length: output tokens/s, and engine_to_hf, the engine's row
-  at that stream count over it (issue 12: >= 10x at 32). Then HF+peft (the row's model + adapter) greedy on the 5
-  prompts of each row with greedy probes (greedy_vs_peft: equal of 5, first_diff and HF+peft's smallest top-2 logit
-  gap per prompt).
+- hf: after every engine has stopped (GPU memory), in a process of its own, HF transformers on the checkpoint the
+  engine served (an MXFP4 one is dequantized to bf16 on load by transformers: noted): a batch of --hf-streams random
+  prompts, greedy, the same output length, decoded each of HF_WAYS: transformers' `generate()` and our greedy loop
+  (greedy_hf). hf[way]: output tokens/s and the expert implementation each forward pass ran; engine_to_hf[way]: the
+  engine's row at that stream count over it (issue 12: >= 10x HF generate at 32). Then HF+peft (the row's model +
+  adapter) greedy on the 5 prompts of each row with greedy probes (greedy_vs_peft: equal of 5, first_diff and
+  HF+peft's smallest top-2 logit gap per prompt).
 Per served row (base, hotload_*, warm, plain, merged*), after a warm-up (8 completions, one short chat): one greedy
 streamed chat (ChatClient.stream, the model's chat template, harmony for gpt-oss): ttft_s to the first chunk carrying
 tokens, reasoning included (ttft_text_s: to the first text), itl_p50_ms / itl_p90_ms: the gaps between chunks carrying
@@ -487,7 +488,7 @@ def vllm_bench_child(spec_path: str) -> None:
         Path(spec["result"]).write_text(json.dumps(results))
 
 
-def hf_generate(args: argparse.Namespace, ctx: Context) -> dict:
+def hf_row(args: argparse.Namespace, ctx: Context) -> dict:
     spec = {"model": resolve_model(ctx.base_model), "dtype": args.dtype, "streams": args.hf_streams,
             "prompt_tokens": args.prompt_tokens, "output_tokens": args.output_tokens}
     probed = [(stage, row["greedy"]) for stage in GREEDY_STAGES if (row := ctx.find(stage, lambda r: r.get("greedy")))]
@@ -524,39 +525,23 @@ def _load_hf(model_dir: str, dtype_name: str, device: str):
 
 
 def hf_child(spec_path: str) -> None:
-    """In its own process: HF greedy decoding throughput on spec["model"]; then HF+peft greedy against the merged
-    engine."""
+    """In its own process: HF's output tokens/s on spec["model"], each of HF_WAYS; then HF+peft greedy against the
+    merged engine."""
     import torch
 
     spec = json.loads(Path(spec_path).read_text())
     device = "cuda" if torch.cuda.is_available() else "cpu"
     result: dict = {"device": device}
 
-    def sync() -> None:
-        if device == "cuda":
-            torch.cuda.synchronize()
-
     t = time.perf_counter()
     model, result["hf_note"] = _load_hf(spec["model"], spec["dtype"], device)
     result["hf_load_s"] = round(time.perf_counter() - t, 1)
-    # transformers' generate() switches MoE experts to "batched_mm" on a GPU, which copies each token's expert weights:
-    # 32 prompts of 128 tokens asked for 510 GiB on the H200 (2026-12-01). The same greedy decoding with the model's
-    # own grouped_mm experts and its KV cache is greedy_hf.
-    result["hf_note"] += "; greedy decoding with the KV cache (greedy_hf), experts " + str(
-        getattr(model.config, "_experts_implementation", None))
+    result["hf_note"] += f"; config use_cache {model.config.use_cache}"
     prompts = random_prompts(spec["streams"], spec["prompt_tokens"], "hf")
-    greedy_hf(model, prompts, 2, device)  # kernels and allocator warm
-    sync()
-    t = time.perf_counter()
-    out = greedy_hf(model, prompts, spec["output_tokens"], device)
-    sync()
-    wall = time.perf_counter() - t
-    tokens = sum(len(row) for row in out)
-    result.update(hf_streams=spec["streams"], hf_out_tokens=tokens, hf_wall_s=round(wall, 3),
-                  hf_out_tok_s=round(tokens / wall, 1))
-    if device == "cuda":
-        result["hf_peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
-    Path(spec["result"]).write_text(json.dumps(result))
+    result.update(hf_streams=spec["streams"], hf={})
+    for way in HF_WAYS:
+        result["hf"][way] = _time_hf(way, model, prompts, spec["output_tokens"], device)
+        Path(spec["result"]).write_text(json.dumps(result))
     from peft import PeftModel
 
     loaded, tuned = (spec["model"], None), None  # (model, adapter) in memory
@@ -576,6 +561,59 @@ def hf_child(spec_path: str) -> None:
             "equal": sum(d is None for d in first_diff), "of": len(first_diff), "tokens": len(probe["tokens"][0]),
             "first_diff": first_diff, "min_top2_gap": [round(g, 3) for g in gaps]}
         Path(spec["result"]).write_text(json.dumps(result))
+
+
+def _time_hf(way: str, model, prompts: list[list[int]], n: int, device: str) -> dict:
+    """Output tokens/s of one batch through `way`, after a 2-token warm-up; which expert implementation each forward
+    pass ran, by its token count (transformers' generate() switches grouped_mm to batched_mm for decoding on a
+    GPU); an error (e.g. out of memory) is the row's result, the next way still runs."""
+    import torch
+
+    decode = HF_WAYS[way]
+    passes: dict[str, list[int]] = {}
+    experts = next((m for m in model.modules() if type(m).__name__.endswith("Experts")), None)
+    hook = experts.register_forward_pre_hook(lambda m, a: passes.setdefault(
+        str(model.config._experts_implementation), []).append(a[0].shape[0])) if experts is not None else None
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    try:
+        decode(model, prompts, 2, device)  # kernels and allocator warm
+        passes.clear()
+        _sync(device)
+        t = time.perf_counter()
+        out = decode(model, prompts, n, device)
+        _sync(device)
+        wall = time.perf_counter() - t
+    except Exception as exc:  # noqa: BLE001 - recorded: an HF way that cannot run this load is a result
+        return {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+    finally:
+        if hook is not None:
+            hook.remove()
+    tokens = sum(len(row) for row in out)
+    row = {"out_tokens": tokens, "wall_s": round(wall, 3), "out_tok_s": round(tokens / wall, 1),
+           "experts": {impl: sorted(set(sizes)) for impl, sizes in passes.items()}}
+    if device == "cuda":
+        row["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    return row
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def hf_generate_tokens(model, prompts: list[list[int]], n: int, device: str) -> list[list[int]]:
+    """transformers' own generate(), greedy, exactly n new tokens each (the engine's ignore_eos)."""
+    import torch
+
+    ids = torch.tensor(prompts, device=device)
+    pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                             max_new_tokens=n, min_new_tokens=n, pad_token_id=pad)
+    return out[:, ids.shape[1]:].tolist()
 
 
 def greedy_hf(model, prompts: list[list[int]], n: int, device: str,
@@ -600,6 +638,11 @@ def greedy_hf(model, prompts: list[list[int]], n: int, device: str,
     if gaps is not None:
         gaps.extend(smallest.tolist())
     return torch.stack(tokens, 1).tolist()
+
+
+# How the hf row decodes: transformers' generate() (issue 12's baseline), and greedy_hf, our loop over the model's
+# forward with its KV cache, which keeps the grouped_mm experts that generate() swaps for batched_mm on a GPU.
+HF_WAYS = {"generate": hf_generate_tokens, "greedy_loop": greedy_hf}
 
 
 # --- sessions ---------------------------------------------------------------------------------------------------
@@ -846,12 +889,13 @@ def add_ratios(row: dict, ctx: Context, args: argparse.Namespace) -> None:
                                      if c in ref["out_tok_s"]}
         row["ours_row"] = where
     elif row["stage"] == "hf":
-        engine = ref["out_tok_s"].get(str(args.hf_streams))
-        if engine and row.get("hf_out_tok_s"):
-            row.update(engine_tok_s=engine, engine_row=where, engine_to_hf=round(engine / row["hf_out_tok_s"], 2))
+        hf = {way: got["out_tok_s"] for way, got in row.get("hf", {}).items() if got.get("out_tok_s")}
         plain = ctx.find("plain", lambda r: bool(r.get("out_tok_s")))  # the engine as serving the base alone asks
-        if plain and (tok_s := plain["out_tok_s"].get(str(args.hf_streams))) and row.get("hf_out_tok_s"):
-            row.update(plain_tok_s=tok_s, plain_to_hf=round(tok_s / row["hf_out_tok_s"], 2))
+        for key, engine_row in (("engine", ref), ("plain", plain)):
+            if engine_row and (tok_s := engine_row["out_tok_s"].get(str(args.hf_streams))) and hf:
+                row.update({f"{key}_tok_s": tok_s, f"{key}_to_hf": {w: round(tok_s / v, 2) for w, v in hf.items()}})
+        if "engine_tok_s" in row:
+            row["engine_row"] = where
     elif row.get("out_tok_s") and row["stage"] != "base":
         row["ratio_to_base"] = {c: round(v / ref["out_tok_s"][c], 3) for c, v in row["out_tok_s"].items()
                                 if ref["out_tok_s"].get(c)}
@@ -915,18 +959,21 @@ def markdown(rows: list[dict], meta: dict) -> str:
     lines += ["| " + " | ".join(_cell(r.get(k)) for k in cols) + " |" for r in rows]
     counts = [str(c) for c in a["streams"]]
     tput = ["", "Output tokens/s at each stream count, and the ratio: LoRA, warm, plain and merged rows over the "
-            "base row; vllm_bench: our base row over vLLM's benchmark; hf: the engine over HF generate.", "",
+            "base row; vllm_bench: our base row over vLLM's benchmark; hf <way>: the engine over HF decoding that way.",
+            "",
             "| stage | " + " | ".join(f"{c} streams tok/s | ratio" for c in counts) + " |",
             "|---|" + "---|---|" * len(counts)]
     for r in rows:
-        ratios = r.get("ratio_to_base") or r.get("ours_to_vllm_bench") or {}
+        lines_of_row = [(r["stage"], r.get("out_tok_s") or {}, r.get("ratio_to_base") or r.get("ours_to_vllm_bench")
+                         or {})]
         if r["stage"] == "hf":
-            got, ratios = {str(a["hf_streams"]): r.get("hf_out_tok_s")}, {str(a["hf_streams"]): r.get("engine_to_hf")}
-        else:
-            got = r.get("out_tok_s") or {}
-        if any(got.values()):
-            tput.append(f"| {r['stage']} | " + " | ".join(f"{_cell(got.get(c))} | {_cell(ratios.get(c))}"
-                                                          for c in counts) + " |")
+            c = str(a["hf_streams"])
+            lines_of_row = [(f"hf {way}", {c: got.get("out_tok_s")}, {c: r.get("engine_to_hf", {}).get(way)})
+                            for way, got in r.get("hf", {}).items()]
+        for name, got, ratios in lines_of_row:
+            if any(got.values()):
+                tput.append(f"| {name} | " + " | ".join(f"{_cell(got.get(c))} | {_cell(ratios.get(c))}"
+                                                       for c in counts) + " |")
     decode = [f"| {r['stage']} | " + " | ".join(f"{_cell(r['decode_tok_s'].get(c))} | "
                                                 f"{_cell((r.get('decode_ratio_to_base') or {}).get(c))}"
                                                 for c in counts) + " |" for r in rows if r.get("decode_tok_s")]
@@ -957,7 +1004,12 @@ def _notes(row: dict) -> list[str]:
     if row.get("profile"):
         out.append(f"vLLM's profiler over one batch at the largest stream count: {row['profile']}")
     if row.get("hf_note"):
-        out.append(f"HF generate: {row['hf_note']}, load {row.get('hf_load_s')} s")
+        out.append(f"HF: {row['hf_note']}, load {row.get('hf_load_s')} s")
+    for way, got in row.get("hf", {}).items():
+        out.append(f"HF {way}: " + (got["error"] if "error" in got else
+                                    f"{got['out_tokens']} tokens in {got['wall_s']} s; expert implementation -> "
+                                    f"tokens a forward pass: {got['experts'] or 'no experts'}"
+                                    + (f"; peak {got['peak_gib']} GiB" if "peak_gib" in got else "")))
     for stage, greedy in row.get("greedy_vs_peft", {}).items():
         out.append(f"{stage}: the engine's greedy tokens = HF+peft's for {greedy['equal']} of {greedy['of']} prompts "
                    f"({greedy['tokens']} tokens; first differing position per prompt: {greedy['first_diff']}; "
@@ -1083,7 +1135,7 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 if ctx.left_s() < args.row_s:
                     raise OutOfTime
-                row.update(hf_generate(args, ctx))
+                row.update(hf_row(args, ctx))
             except Exception as exc:
                 row["status"] = ("skipped (time budget)" if isinstance(exc, OutOfTime)
                                  else f"error: {type(exc).__name__}: {str(exc)[:500]}")

@@ -53,7 +53,6 @@ def assemble_model(model_config, tensors: dict, dtype, attention: str, source: s
     config = copy.deepcopy(model_config)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    config.use_cache = False
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attention)
     for i, layer in enumerate(model.model.layers):

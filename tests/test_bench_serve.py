@@ -16,8 +16,10 @@ import pytest
 from serve_fixtures import free_port
 
 from bench.serve import (
+    HF_WAYS,
     Context,
     Session,
+    _time_hf,
     engine_args_applied,
     greedy_hf,
     greedy_prompts,
@@ -125,9 +127,12 @@ def test_smoke_measures_every_stage(tmp_path):
     assert rows["merged_attn"]["adapter"] == "r8 k,o,q,v" and not rows["merged_attn"]["lora_enabled"]
 
     # HF generate after the engines stopped, and HF+peft against the merged engine's greedy tokens
-    assert hf["hf_streams"] == 4 and hf["hf_out_tokens"] == 4 * 16 and hf["hf_out_tok_s"] > 0
+    assert hf["hf_streams"] == 4 and list(hf["hf"]) == ["generate", "greedy_loop"]
     assert hf["engine_row"] == "warm" and hf["engine_tok_s"] == warm["out_tok_s"]["4"]
-    assert hf["engine_to_hf"] == pytest.approx(hf["engine_tok_s"] / hf["hf_out_tok_s"], abs=0.01)
+    assert "use_cache True" in hf["hf_note"]
+    for way, got in hf["hf"].items():  # tiny-dense has no experts module
+        assert got["out_tokens"] == 4 * 16 and got["out_tok_s"] > 0 and got["experts"] == {}
+        assert hf["engine_to_hf"][way] == pytest.approx(hf["engine_tok_s"] / got["out_tok_s"], abs=0.01)
     assert list(hf["greedy_vs_peft"]) == ["hotload_experts", "merged"]  # the hot-loaded and the merged adapter
     for greedy in hf["greedy_vs_peft"].values():  # fp32 throughout: the same tokens
         assert (greedy["equal"], greedy["of"], greedy["tokens"]) == (5, 5, 32) and greedy["first_diff"] == [None] * 5
@@ -139,7 +144,8 @@ def test_smoke_measures_every_stage(tmp_path):
                                                      "hf.log", "merge.log", "vllm_bench.log"]
     table = (out / "bench_serve.md").read_text()
     assert table.count("| ok |") == len(STAGES) and table in proc.stdout
-    assert "| hf | - | - | " + f"{hf['hf_out_tok_s']} | {hf['engine_to_hf']} |" in table
+    for way, got in hf["hf"].items():
+        assert f"| hf {way} | - | - | {got['out_tok_s']} | {hf['engine_to_hf'][way]} |" in table
     decode = base["decode_tok_s"]
     assert f"| base | {decode['1']} | - | {decode['4']} | - |" in table.split("Decode tokens/s")[1]
 
@@ -240,3 +246,22 @@ def test_adapters_are_built_from_the_config_alone(tmp_path):
     assert gaps[0] == pytest.approx(float((top2[:, 0] - top2[:, 1]).min()), abs=1e-4)
     assert percentile([4.0, 1.0, 3.0, 2.0], 50) == 2.5 and percentile([1.0, 2.0], 90) == pytest.approx(1.9)
     assert percentile([], 50) is None
+
+
+def test_hf_ways_decode_the_same_tokens_and_say_which_experts_ran():
+    """The hf row's two ways (transformers' generate() and our greedy loop) are timed on the same greedy decoding: on
+    the tiny gpt-oss both give the same tokens, and each says which expert implementation every forward pass ran by
+    its token count (the prefill of 2 x 5 tokens, then 2 a step; on the CPU generate() keeps grouped_mm)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from bench.serve import hf_generate_tokens
+    from gptoss_webui.sources import resolve_model
+
+    model = AutoModelForCausalLM.from_pretrained(resolve_model("demo:tiny-gpt-oss"), dtype=torch.float32).eval()
+    prompts = [[13225, 2375, 11, 495, 7], [200, 300, 400, 500, 600]]
+    assert hf_generate_tokens(model, prompts, 6, "cpu") == greedy_hf(model, prompts, 6, "cpu")
+    for way in HF_WAYS:
+        row = _time_hf(way, model, prompts, 6, "cpu")
+        assert row["out_tokens"] == 12 and row["out_tok_s"] > 0
+        assert row["experts"] == {"grouped_mm": [2, 10]}

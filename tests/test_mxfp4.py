@@ -207,6 +207,7 @@ def test_merge_writes_what_vllm_loads(tiny_gpt_oss_mxfp4, tmp_path, expert_layer
     config = json.loads((tmp_path / "merged" / "config.json").read_text())
     assert ("quantization_config" in config) is quantized
     assert config["architectures"] == ["GptOssForCausalLM"]  # else vLLM serves embeddings
+    assert config["use_cache"] is True  # the base's: without it, HF generate() recomputes every token's prefix
     merged, base = read_safetensors(tmp_path / "merged"), read_safetensors(tiny_gpt_oss_mxfp4)
     key = "model.layers.1.mlp.experts.down_proj"
     if quantized:

@@ -60,6 +60,7 @@ def make_tiny(tokenizer_dir: Path) -> Path:
 
 def save_bf16_checkpoint(out_dir: Path, tokenizer_dir: Path) -> Path:
     model = build_random_model(gpt_oss_20b_config(), "eager", "cuda")  # transformers' own init, all bf16
+    model.config.use_cache = True  # as released (build_random_model turns it off for training)
     model.save_pretrained(out_dir, max_shard_size="5GB")
     for name in TOKENIZER_FILES:
         shutil.copy(tokenizer_dir / name, out_dir / name)

@@ -137,7 +137,8 @@ PY
     serve-moe:*)  # serve-moe:BACKEND: base and the attention + experts adapter with vLLM's --moe-backend BACKEND
       serve_bench "moe-${stage#serve-moe:}" --stages base,hotload_experts --engine-arg "moe-backend=${stage#serve-moe:}" ;;
     serve | serve:*)  # bench/serve.py with SERVE_ARGS only (e.g. --adapter "$RUNS/e2e/adapter" --stages
-      # base,hotload_experts), into /tmp/serve/serve; serve:NAME into /tmp/serve/NAME, with SERVE_ARGS_NAME added
+      # base,hotload_experts), into /tmp/serve/serve; serve:NAME into /tmp/serve/NAME, with SERVE_ARGS_<NAME> added
+      # (serve:hf reads SERVE_ARGS_hf)
       name=${stage#serve:}; extra=SERVE_ARGS_$name
       # shellcheck disable=SC2086  # several arguments
       serve_bench "$name" ${!extra:-} ;;

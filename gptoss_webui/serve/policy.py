@@ -30,25 +30,24 @@ AdapterMode = Literal["auto", "hotload", "merge"]
 Served = Literal["hotload", "merge"]
 
 # Decode tokens/s (vLLM's own time per output token, the first excluded) on one H200, vLLM 0.26, the random-weight
-# MXFP4 20b, requests of 128 + 128 tokens, an r=8 adapter on attention and the experts of layers 7/15/23, one host
-# (bench/README.md, 2026-12-01, ninth session):
-#   concurrent requests        1      16      64
-#   hot-loaded               246   2,198   6,909
-#   merged (bf16 experts)    321   1,626   4,418
+# MXFP4 20b, requests of 128 + 128 tokens, r=8 adapters, one host (bench/README.md, 2026-12-02, eleventh session):
+#   concurrent requests                          1      16      64
+#   base (the LoRA engine, no adapter)         344   2,642   7,718
+#   hot-loaded attention LoRA                  275   2,346   7,359
+#   hot-loaded attention + experts 7/15/23     260   2,255   7,031
+#   merged attention + experts (bf16 experts)  321   1,625   4,792
 # Merged, an MXFP4 model's experts are stored in bf16 (vLLM 0.26 quantizes every MoE layer of the model alike, so the
 # layers the adapter leaves alone cannot stay MXFP4) and run vLLM's unquantized MoE kernels: faster than hot-loaded
 # LoRA for one request, slower at 16 and 64. Between 1 and 16 it was not measured; there `auto` hot-loads, which costs
 # no 39 GiB copy and no merge, and keeps Chat's base-vs-adapter compare.
 MXFP4_HOTLOAD_FROM = 2
-MXFP4_MERGED_AT_1 = round(321 / 246, 2)  # the merged model over hot-loaded LoRA, 1 request
-MXFP4_MERGED_AT_16 = round(1626 / 2198, 2)  # the same at 16
+MXFP4_MERGED_AT_1 = round(321 / 260, 2)  # the merged model over hot-loaded expert LoRA, 1 request
+MXFP4_MERGED_AT_16 = round(1625 / 2255, 2)  # the same at 16
 # An adapter on attention alone leaves the experts untouched, so its merge keeps the base's MXFP4 experts and decodes at
-# the base's speed (sixth session, r=8 on q,k,v,o, vLLM's MARLIN MoE kernel in both engines):
-#   concurrent requests        1      16      32      64
-#   hot-loaded               217   1,857   3,298   2,808
-#   merged (MXFP4 experts)   313   2,332   3,912   6,334
-# Faster merged at every concurrency, so `auto` merges it on an MXFP4 base.
-MXFP4_ATTENTION_MERGED = (round(313 / 217, 2), round(6334 / 2808, 2))  # merged over hot-loaded, at 1 and 64
+# the base's speed: 0.99-1.03x the LoRA-off engine's output tokens/s at 1-64 requests (sixth session, one host), which
+# is itself a little faster than the LoRA engine's base row. So the merge is at least as fast as the base over
+# hot-loaded attention LoRA in the table above, at 1 and at 64, and `auto` merges it on an MXFP4 base.
+MXFP4_ATTENTION_MERGED = (round(344 / 275, 2), round(7718 / 7359, 2))  # the base over hot-loaded, at 1 and 64
 # A bf16 base: hot-loaded expert LoRA decoded 728 output tokens/s against the base's 1,564 at 64 requests (H100, the
 # bf16 20b, vLLM 0.26, 2026-11-28), and a merged model is the base's architecture in the base's dtype, so `auto`
 # merges from BF16_MERGE_FROM expected requests on.
@@ -94,8 +93,8 @@ def choose_mode(model: str, model_cfg: dict, adapter_dir: str | Path, requested:
     if not experts:
         if not is_mxfp4_config(model_cfg):
             return "hotload", why
-        low, high = MXFP4_ATTENTION_MERGED  # the merged copy keeps the MXFP4 experts: it fits where the base does
-        return "merge", say("serving.policy.mxfp4_attention_merge", low=low, high=high)
+        at_1, at_64 = MXFP4_ATTENTION_MERGED  # the merged copy keeps the MXFP4 experts: it fits where the base does
+        return "merge", say("serving.policy.mxfp4_attention_merge", at_1=at_1, at_64=at_64)
     concurrency = config.max_concurrency
     if is_mxfp4_config(model_cfg):
         if concurrency >= MXFP4_HOTLOAD_FROM:

@@ -105,7 +105,9 @@ def assemble_for_training(model_config, tensors: dict, dtype, attention: str, so
     codes where the tensors hold them, else over bf16 weights."""
     from gptoss_webui.train.experts import GroupedExperts
 
-    return assemble_model(model_config, tensors, dtype, attention, source=source, experts_class=GroupedExperts)
+    model = assemble_model(model_config, tensors, dtype, attention, source=source, experts_class=GroupedExperts)
+    model.config.use_cache = False  # training runs whole sequences; the config a merge writes keeps the base's
+    return model
 
 
 class CpuEmbedding(nn.Module):
