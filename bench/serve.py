@@ -540,7 +540,7 @@ def hf_child(spec_path: str) -> None:
     prompts = random_prompts(spec["streams"], spec["prompt_tokens"], "hf")
     result.update(hf_streams=spec["streams"], hf={})
     for way in HF_WAYS:
-        result["hf"][way] = _time_hf(way, model, prompts, spec["output_tokens"], device)
+        result["hf"][way] = time_hf_way(way, model, prompts, spec["output_tokens"], device)
         Path(spec["result"]).write_text(json.dumps(result))
     from peft import PeftModel
 
@@ -563,7 +563,7 @@ def hf_child(spec_path: str) -> None:
         Path(spec["result"]).write_text(json.dumps(result))
 
 
-def _time_hf(way: str, model, prompts: list[list[int]], n: int, device: str) -> dict:
+def time_hf_way(way: str, model, prompts: list[list[int]], n: int, device: str) -> dict:
     """Output tokens/s of one batch through `way`, after a 2-token warm-up; which expert implementation each forward
     pass ran, by its token count (transformers' generate() switches grouped_mm to batched_mm for decoding on a
     GPU); an error (e.g. out of memory) is the row's result, the next way still runs."""

@@ -19,15 +19,16 @@ from bench.serve import (
     HF_WAYS,
     Context,
     Session,
-    _time_hf,
     engine_args_applied,
     greedy_hf,
     greedy_prompts,
+    hf_generate_tokens,
     main,
     make_adapter,
     percentile,
     quickest_start_s,
     run_session,
+    time_hf_way,
 )
 
 pytestmark = pytest.mark.slow
@@ -255,13 +256,12 @@ def test_hf_ways_decode_the_same_tokens_and_say_which_experts_ran():
     import torch
     from transformers import AutoModelForCausalLM
 
-    from bench.serve import hf_generate_tokens
     from gptoss_webui.sources import resolve_model
 
     model = AutoModelForCausalLM.from_pretrained(resolve_model("demo:tiny-gpt-oss"), dtype=torch.float32).eval()
     prompts = [[13225, 2375, 11, 495, 7], [200, 300, 400, 500, 600]]
     assert hf_generate_tokens(model, prompts, 6, "cpu") == greedy_hf(model, prompts, 6, "cpu")
     for way in HF_WAYS:
-        row = _time_hf(way, model, prompts, 6, "cpu")
+        row = time_hf_way(way, model, prompts, 6, "cpu")
         assert row["out_tokens"] == 12 and row["out_tok_s"] > 0
         assert row["experts"] == {"grouped_mm": [2, 10]}

@@ -45,8 +45,8 @@ MXFP4_MERGED_AT_1 = round(321 / 260, 2)  # the merged model over hot-loaded expe
 MXFP4_MERGED_AT_16 = round(1625 / 2255, 2)  # the same at 16
 # An adapter on attention alone leaves the experts untouched, so its merge keeps the base's MXFP4 experts and decodes at
 # the base's speed: 0.99-1.03x the LoRA-off engine's output tokens/s at 1-64 requests (sixth session, one host), which
-# is itself a little faster than the LoRA engine's base row. So the merge is at least as fast as the base over
-# hot-loaded attention LoRA in the table above, at 1 and at 64, and `auto` merges it on an MXFP4 base.
+# is itself a little faster than the LoRA engine's base row. So merged over hot-loaded is at least the base row over
+# the hot-loaded attention row of the table above, and `auto` merges such an adapter on an MXFP4 base.
 MXFP4_ATTENTION_MERGED = (round(344 / 275, 2), round(7718 / 7359, 2))  # the base over hot-loaded, at 1 and 64
 # A bf16 base: hot-loaded expert LoRA decoded 728 output tokens/s against the base's 1,564 at 64 requests (H100, the
 # bf16 20b, vLLM 0.26, 2026-11-28), and a merged model is the base's architecture in the base's dtype, so `auto`
