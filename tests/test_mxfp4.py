@@ -201,6 +201,7 @@ def test_merge_writes_what_vllm_loads(tiny_gpt_oss_mxfp4, tmp_path, expert_layer
     from gptoss_webui.serve.merge import merge_adapter
 
     model, _, _ = _model(tiny_gpt_oss_mxfp4, "mxfp4", lora={"expert_layers": expert_layers})
+    assert model.config.use_cache is False  # training's loader turns the KV cache off; the merge below keeps the base's
     model.save_pretrained(tmp_path / "adapter")
     result = merge_adapter(str(tiny_gpt_oss_mxfp4), tmp_path / "adapter", tmp_path / "merged")
     assert result.ok and result.adapter_effect > 1e-2 and result.experts == experts

@@ -227,8 +227,7 @@ def prepare_model(model, cfg: TrainConfig):
             set_z3_leaf_modules(model, [type(model.model.layers[0].mlp)])
     else:  # ZeRO-3 shards the embeddings instead
         model.set_input_embeddings(CpuEmbedding(model.get_input_embeddings()))
-    if cfg.gradient_checkpointing:
-        model.config.use_cache = False
+    if cfg.gradient_checkpointing:  # the loaders have turned the KV cache off
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = apply_lora(model, cfg.lora)
     keep_decoded_experts(model, cfg)
